@@ -36,6 +36,12 @@ type Spec struct {
 	// Env is the executor's environment (KEY=VALUE).
 	Env    []string
 	Labels map[string]string
+	// Args, when set, replaces the image's entrypoint and command (tests run
+	// probes this way). Optional: empty runs the image's executor.
+	Args []string
+	// LogPath, when set, is a host file (absolute path) that receives the
+	// container's stdout and stderr. Optional: empty discards them.
+	LogPath string
 }
 
 // Status is what Inspect and List report.
