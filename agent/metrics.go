@@ -1,0 +1,42 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	startSeconds prometheus.Histogram
+	sessions     prometheus.Gauge
+	callbacks    *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		startSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sandbox_agent_container_start_seconds",
+			Help:    "Time from asking the runtime to start a session's container until its executor answers /health.",
+			Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
+		}),
+		sessions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sandbox_agent_sessions",
+			Help: "Sessions this agent holds a container for (starting, running or stopping).",
+		}),
+		callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sandbox_agent_callbacks_total",
+			Help: "Executor callbacks received, by kind (status, heartbeat, artifact, result, unknown) and HTTP status code.",
+		}, []string{"kind", "code"}),
+	}
+	for _, c := range []prometheus.Collector{m.startSeconds, m.sessions, m.callbacks} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) {
+				return nil, fmt.Errorf("agent metrics: %w (use a fresh registry per agent)", err)
+			}
+			return nil, fmt.Errorf("agent metrics: %w", err)
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,230 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+
+	"connectrpc.com/connect"
+
+	"github.com/sandboxhq/sandbox"
+	"github.com/sandboxhq/sandbox/agent/artifacts"
+	"github.com/sandboxhq/sandbox/agent/runtime"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
+	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/executor/executorapi"
+)
+
+// downloadChunkBytes is the size of one DownloadArtifact message's chunk.
+const downloadChunkBytes = 64 << 10
+
+// service is the AgentService: proto in, agent call, proto out.
+type service struct {
+	agentv1connect.UnimplementedAgentServiceHandler
+	a *Agent
+}
+
+var _ agentv1connect.AgentServiceHandler = (*service)(nil)
+
+func (sv *service) StartSession(ctx context.Context, req *connect.Request[agentv1.StartSessionRequest]) (*connect.Response[agentv1.StartSessionResponse], error) {
+	m := req.Msg
+	l := m.GetLimits()
+	id, err := sv.a.startSession(ctx, startParams{
+		SessionID:  m.GetSessionId(),
+		TemplateID: m.GetTemplateId(),
+		Image:      m.GetImage(),
+		Limits: sandbox.Limits{
+			CPUMillis:                  l.GetCpuMillis(),
+			MemoryMiB:                  l.GetMemoryMib(),
+			Pids:                       l.GetPids(),
+			DiskMiB:                    l.GetDiskMib(),
+			MaxExecutionTimeoutSeconds: l.GetMaxExecutionTimeoutSeconds(),
+		},
+		Env:   m.GetEnv(),
+		Token: m.GetCallbackToken(),
+	})
+	if err != nil {
+		return nil, connectError(err)
+	}
+	return connect.NewResponse(&agentv1.StartSessionResponse{ContainerId: id}), nil
+}
+
+func (sv *service) StopSession(ctx context.Context, req *connect.Request[agentv1.StopSessionRequest]) (*connect.Response[agentv1.StopSessionResponse], error) {
+	id := req.Msg.GetSessionId()
+	if err := validateID("session_id", id); err != nil {
+		return nil, connectError(err)
+	}
+	if err := sv.a.stopSession(ctx, id); err != nil {
+		return nil, connectError(err)
+	}
+	return connect.NewResponse(&agentv1.StopSessionResponse{}), nil
+}
+
+func (sv *service) Execute(ctx context.Context, req *connect.Request[agentv1.ExecuteRequest]) (*connect.Response[agentv1.ExecuteResponse], error) {
+	m := req.Msg
+	if err := sv.a.execute(ctx, m); err != nil {
+		return nil, connectError(err)
+	}
+	return connect.NewResponse(&agentv1.ExecuteResponse{}), nil
+}
+
+func (sv *service) CancelExecution(ctx context.Context, req *connect.Request[agentv1.CancelExecutionRequest]) (*connect.Response[agentv1.CancelExecutionResponse], error) {
+	m := req.Msg
+	if err := artifacts.ValidateExecutionID(m.GetExecutionId()); err != nil {
+		return nil, connectError(err)
+	}
+	s, err := sv.a.lookup(m.GetSessionId())
+	if err != nil {
+		return nil, connectError(err)
+	}
+	if err := s.exec.cancel(ctx, m.GetExecutionId()); err != nil {
+		return nil, connectError(err)
+	}
+	return connect.NewResponse(&agentv1.CancelExecutionResponse{}), nil
+}
+
+func (sv *service) DownloadArtifact(ctx context.Context, req *connect.Request[agentv1.DownloadArtifactRequest], stream *connect.ServerStream[agentv1.DownloadArtifactResponse]) error {
+	rc, art, err := sv.a.store.Open(req.Msg.GetExecutionId(), req.Msg.GetPath())
+	if err != nil {
+		return connectError(err)
+	}
+	defer rc.Close()
+	first := &agentv1.DownloadArtifactResponse{Artifact: &sandboxv1.Artifact{Path: art.Path, SizeBytes: art.SizeBytes, Sha256: art.SHA256}}
+	buf := make([]byte, downloadChunkBytes)
+	for sent := false; ; {
+		n, rerr := io.ReadFull(rc, buf)
+		if n > 0 || !sent {
+			msg := &agentv1.DownloadArtifactResponse{Chunk: buf[:n]}
+			if !sent {
+				first.Chunk = buf[:n]
+				msg = first
+			}
+			if err := stream.Send(msg); err != nil {
+				return err
+			}
+			sent = true
+		}
+		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+			return nil
+		}
+		if rerr != nil {
+			return connect.NewError(connect.CodeInternal, fmt.Errorf("read artifact %q of execution %s: %w", art.Path, req.Msg.GetExecutionId(), rerr))
+		}
+		if err := ctx.Err(); err != nil {
+			return connectError(err)
+		}
+	}
+}
+
+func (sv *service) ListContainers(ctx context.Context, _ *connect.Request[agentv1.ListContainersRequest]) (*connect.Response[agentv1.ListContainersResponse], error) {
+	out, err := sv.a.listContainers(ctx)
+	if err != nil {
+		return nil, connectError(err)
+	}
+	return connect.NewResponse(&agentv1.ListContainersResponse{Containers: out}), nil
+}
+
+// execute hands an execution to its session's executor.
+func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
+	if err := artifacts.ValidateExecutionID(m.GetExecutionId()); err != nil {
+		return err
+	}
+	if err := sandbox.ValidateLanguage(m.GetLanguage(), nil); err != nil {
+		return err
+	}
+	if len(m.GetCode()) > sandbox.MaxCodeBytes {
+		return fmt.Errorf("%w: code is %d bytes, at most %d are allowed", sandbox.ErrInvalidArgument, len(m.GetCode()), sandbox.MaxCodeBytes)
+	}
+	if m.GetTimeoutSeconds() < 0 {
+		return fmt.Errorf("%w: timeout_seconds must not be negative, got %d", sandbox.ErrInvalidArgument, m.GetTimeoutSeconds())
+	}
+	if err := sandbox.ValidateEnv("env", m.GetEnv()); err != nil {
+		return err
+	}
+	s, err := a.lookup(m.GetSessionId())
+	if err != nil {
+		return err
+	}
+	// Recorded before the executor hears of it: its callbacks may come first.
+	a.mu.Lock()
+	s.executions[m.GetExecutionId()] = struct{}{}
+	a.mu.Unlock()
+	return s.exec.execute(ctx, executorapi.ExecuteRequest{
+		ExecutionID:    m.GetExecutionId(),
+		Language:       m.GetLanguage(),
+		Code:           m.GetCode(),
+		TimeoutSeconds: int(m.GetTimeoutSeconds()),
+		Env:            m.GetEnv(),
+	})
+}
+
+// listContainers joins the runtime's containers of this agent with the
+// sessions it holds. A container's session comes from the agent's map, or
+// its label when the agent does not know it; a session whose container the
+// runtime does not list is reported as not running.
+func (a *Agent) listContainers(ctx context.Context) ([]*agentv1.Container, error) {
+	list, err := a.rt.List(ctx, map[string]string{runtime.LabelAgent: a.cfg.ID})
+	if err != nil {
+		return nil, fmt.Errorf("%w: list containers of agent %s: %v", sandbox.ErrUnavailable, a.cfg.ID, err)
+	}
+	a.mu.Lock()
+	byContainer := make(map[string]string, len(a.sessions))
+	for id, s := range a.sessions {
+		byContainer[s.containerID] = id
+	}
+	a.mu.Unlock()
+
+	out := make([]*agentv1.Container, 0, len(list))
+	for _, st := range list {
+		sid, ok := byContainer[st.ID]
+		if ok {
+			delete(byContainer, st.ID)
+		} else {
+			sid = st.Labels[runtime.LabelSession]
+		}
+		out = append(out, &agentv1.Container{ContainerId: st.ID, SessionId: sid, Running: st.Running})
+	}
+	for cid, sid := range byContainer {
+		out = append(out, &agentv1.Container{ContainerId: cid, SessionId: sid, Running: false})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ContainerId < out[j].ContainerId })
+	return out, nil
+}
+
+// connectError turns an agent error into a Connect error with a code.
+func connectError(err error) error {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	if e, ok := isExecutorError(err); ok {
+		return connect.NewError(e.code(), err)
+	}
+	code := connect.CodeInternal
+	switch {
+	case errors.Is(err, sandbox.ErrInvalidArgument):
+		code = connect.CodeInvalidArgument
+	case errors.Is(err, sandbox.ErrNotFound):
+		code = connect.CodeNotFound
+	case errors.Is(err, sandbox.ErrAlreadyExists):
+		code = connect.CodeAlreadyExists
+	case errors.Is(err, sandbox.ErrFailedPrecondition):
+		code = connect.CodeFailedPrecondition
+	case errors.Is(err, sandbox.ErrResourceExhausted):
+		code = connect.CodeResourceExhausted
+	case errors.Is(err, sandbox.ErrUnauthenticated):
+		code = connect.CodeUnauthenticated
+	case errors.Is(err, sandbox.ErrPermissionDenied):
+		code = connect.CodePermissionDenied
+	case errors.Is(err, sandbox.ErrUnavailable):
+		code = connect.CodeUnavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		code = connect.CodeDeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		code = connect.CodeCanceled
+	}
+	return connect.NewError(code, err)
+}
