@@ -1,0 +1,77 @@
+package scheduler
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/sandboxhq/sandbox"
+	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+)
+
+// candidate is an agent with what its live sessions already hold.
+type candidate struct {
+	agent     *statev1.Agent
+	cpuUsed   int64
+	memoryUse int64
+}
+
+// pickAgent chooses where a session with limits l goes: among the agents that
+// can hold it without going over their capacity, the best fit (the one left
+// with the least free memory, then cpu), so that large holes stay open for
+// large sessions. It never overcommits.
+func pickAgent(cands []candidate, l sandbox.Limits) (*statev1.Agent, error) {
+	if len(cands) == 0 {
+		return nil, fmt.Errorf("%w: no agent is registered and alive; start sandbox-agent on a host", sandbox.ErrUnavailable)
+	}
+	var best *candidate
+	var bestMem, bestCPU int64
+	for i := range cands {
+		c := &cands[i]
+		freeCPU := int64(c.agent.GetCpuMillis()) - c.cpuUsed - int64(l.CPUMillis)
+		freeMem := c.agent.GetMemoryMib() - c.memoryUse - l.MemoryMiB
+		if freeCPU < 0 || freeMem < 0 {
+			continue
+		}
+		if best == nil || freeMem < bestMem || (freeMem == bestMem && freeCPU < bestCPU) {
+			best, bestMem, bestCPU = c, freeMem, freeCPU
+		}
+	}
+	if best == nil {
+		return nil, fmt.Errorf("%w: no agent has room for %d cpu millis and %d MiB (%d agents alive)", sandbox.ErrResourceExhausted, l.CPUMillis, l.MemoryMiB, len(cands))
+	}
+	return best.agent, nil
+}
+
+// place picks an agent for a new session from the live agents and the live sessions.
+func (s *Scheduler) place(l sandbox.Limits) (*statev1.Agent, error) {
+	now := time.Now()
+	var cands []candidate
+	idx := map[string]int{}
+	for _, a := range s.fsm.Agents() {
+		if !s.agentAlive(a.GetId(), now) {
+			continue
+		}
+		idx[a.GetId()] = len(cands)
+		cands = append(cands, candidate{agent: a})
+	}
+	for _, sess := range s.fsm.Sessions(func(sess *sandboxv1.Session) bool {
+		return sandbox.SessionState(sess.GetState()).Live()
+	}) {
+		i, ok := idx[sess.GetAgentId()]
+		if !ok {
+			continue
+		}
+		cands[i].cpuUsed += int64(sess.GetResourceLimits().GetCpuMillis())
+		cands[i].memoryUse += sess.GetResourceLimits().GetMemoryMib()
+	}
+	return pickAgent(cands, l)
+}
+
+// agentAlive reports whether the agent registered recently.
+func (s *Scheduler) agentAlive(id string, now time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seen, ok := s.agentSeen[id]
+	return ok && now.Sub(seen) < s.cfg.AgentTimeout
+}

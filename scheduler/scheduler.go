@@ -1,0 +1,204 @@
+// Package scheduler is the control plane: it validates requests, places
+// sessions on agents, commits every change through Raft (scheduler/fsm via
+// scheduler/raftnode), drives the agents over their internal service, and
+// runs the leader's housekeeping (idle sessions, lost executions).
+//
+// It implements api.Backend for the public API and
+// sandbox.agent.v1.ControlPlaneService for the agents.
+package scheduler
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/sandboxhq/sandbox"
+	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
+)
+
+// Config tunes the scheduler's behaviour.
+type Config struct {
+	// ClusterToken authenticates servers and agents to each other.
+	ClusterToken string
+	// HousekeepingInterval is how often the leader looks for idle sessions
+	// and executions that will never report.
+	HousekeepingInterval time.Duration
+	// ExecutionGrace is how long past its timeout an execution may stay
+	// unreported before the leader declares it LOST.
+	ExecutionGrace time.Duration
+	// AgentTimeout is how long an agent may go without registering before it
+	// is no longer offered new sessions.
+	AgentTimeout time.Duration
+	// StartTimeout bounds starting a session's container.
+	StartTimeout time.Duration
+	Logger       *slog.Logger
+	Registry     prometheus.Registerer
+}
+
+// DefaultConfig returns the defaults for a LAN deployment.
+func DefaultConfig() Config {
+	return Config{
+		HousekeepingInterval: time.Second,
+		ExecutionGrace:       30 * time.Second,
+		AgentTimeout:         30 * time.Second,
+		StartTimeout:         60 * time.Second,
+		Logger:               slog.Default(),
+	}
+}
+
+// Raft is what the scheduler needs from its Raft node.
+type Raft interface {
+	Apply(ctx context.Context, t fsm.MessageType, msg proto.Message) (any, error)
+	IsLeader() bool
+}
+
+// Scheduler is one server's control plane.
+type Scheduler struct {
+	cfg    Config
+	fsm    *fsm.FSM
+	raft   Raft
+	agents *agentPool
+	log    *slog.Logger
+
+	mu sync.Mutex
+	// heartbeats records when each running execution last showed life.
+	heartbeats map[string]time.Time
+	// agentSeen records when each agent last registered with this server.
+	agentSeen map[string]time.Time
+}
+
+// New returns a scheduler over an FSM and the Raft node that feeds it.
+func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Scheduler{
+		cfg:        cfg,
+		fsm:        f,
+		raft:       r,
+		agents:     newAgentPool(cfg.ClusterToken),
+		log:        cfg.Logger,
+		heartbeats: make(map[string]time.Time),
+		agentSeen:  make(map[string]time.Time),
+	}
+	if cfg.Registry != nil {
+		cfg.Registry.MustRegister(newCollector(f))
+	}
+	return s
+}
+
+// Run does the leader's work while this server leads, until ctx ends.
+func (s *Scheduler) Run(ctx context.Context) error {
+	t := time.NewTicker(s.cfg.HousekeepingInterval)
+	defer t.Stop()
+	bootstrapped := false
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if !s.raft.IsLeader() {
+			bootstrapped = false
+			continue
+		}
+		if !bootstrapped {
+			if err := s.bootstrap(ctx); err != nil {
+				s.log.Warn("bootstrap templates", "err", err)
+				continue
+			}
+			bootstrapped = true
+		}
+		s.housekeep(ctx, time.Now())
+	}
+}
+
+// bootstrap creates the built-in templates that do not exist yet.
+func (s *Scheduler) bootstrap(ctx context.Context) error {
+	for _, bt := range sandbox.BuiltinTemplates {
+		if _, ok := s.fsm.Template(bt.ID); ok {
+			continue
+		}
+		t := &sandboxv1.Template{
+			Id:            bt.ID,
+			Image:         bt.Image,
+			Languages:     bt.Languages,
+			Description:   bt.Description,
+			DefaultLimits: limitsToProto(bt.DefaultLimits),
+			MaxLimits:     limitsToProto(bt.MaxLimits),
+			Builtin:       true,
+			CreatedAt:     timestamppb.Now(),
+		}
+		if _, err := s.raft.Apply(ctx, fsm.PutTemplateType, &statev1.PutTemplate{Template: t}); err != nil {
+			return fmt.Errorf("template %s: %w", bt.ID, err)
+		}
+		s.log.Info("created built-in template", "template", bt.ID)
+	}
+	return nil
+}
+
+// apply commits one command; it is the single path for every write.
+func (s *Scheduler) apply(ctx context.Context, t fsm.MessageType, msg proto.Message) error {
+	_, err := s.raft.Apply(ctx, t, msg)
+	return err
+}
+
+// newID returns a short random id: 80 bits, base32, lower case. Short ids
+// keep the agents' socket paths well under the 108-byte unix socket limit.
+func newID(prefix string) string {
+	b := make([]byte, 10)
+	if _, err := rand.Read(b); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return prefix + "_" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b))
+}
+
+func newToken() string {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return hex.EncodeToString(b)
+}
+
+func limitsToProto(l sandbox.Limits) *sandboxv1.ResourceLimits {
+	return &sandboxv1.ResourceLimits{
+		CpuMillis:                  l.CPUMillis,
+		MemoryMib:                  l.MemoryMiB,
+		Pids:                       l.Pids,
+		DiskMib:                    l.DiskMiB,
+		MaxExecutionTimeoutSeconds: l.MaxExecutionTimeoutSeconds,
+	}
+}
+
+func limitsFromProto(p *sandboxv1.ResourceLimits) sandbox.Limits {
+	return sandbox.Limits{
+		CPUMillis:                  p.GetCpuMillis(),
+		MemoryMiB:                  p.GetMemoryMib(),
+		Pids:                       p.GetPids(),
+		DiskMiB:                    p.GetDiskMib(),
+		MaxExecutionTimeoutSeconds: p.GetMaxExecutionTimeoutSeconds(),
+	}
+}
+
+// ignoreStale treats a refused transition as success: it means another path
+// (the callback or the request) already recorded a later state.
+func ignoreStale(err error) error {
+	if errors.Is(err, sandbox.ErrFailedPrecondition) {
+		return nil
+	}
+	return err
+}

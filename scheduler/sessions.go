@@ -1,0 +1,237 @@
+package scheduler
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"regexp"
+	"slices"
+	"strconv"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/sandboxhq/sandbox"
+	"github.com/sandboxhq/sandbox/api"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
+	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
+)
+
+const (
+	maxLabels       = 64
+	defaultPageSize = 100
+	maxPageSize     = 1000
+	stopTimeout     = 30 * time.Second
+)
+
+var labelKey = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$`)
+
+// CreateSession places a session, starts its container and returns once the
+// session is RUNNING; a session that cannot start is committed FAILED.
+func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSessionRequest) (*sandboxv1.Session, error) {
+	if req.GetTemplateId() == "" {
+		return nil, fmt.Errorf("%w: template_id is required", sandbox.ErrInvalidArgument)
+	}
+	tmpl, ok := s.fsm.Template(req.GetTemplateId())
+	if !ok {
+		return nil, fmt.Errorf("%w: template %q does not exist", sandbox.ErrNotFound, req.GetTemplateId())
+	}
+	limits, err := sandbox.ResolveLimits(limitsFromProto(req.GetResourceLimits()), limitsFromProto(tmpl.GetDefaultLimits()), limitsFromProto(tmpl.GetMaxLimits()))
+	if err != nil {
+		return nil, err
+	}
+	idle, err := sandbox.ResolveIdleTimeout(req.GetIdleTimeoutSeconds())
+	if err != nil {
+		return nil, err
+	}
+	if err := sandbox.ValidateEnv("env", req.GetEnv()); err != nil {
+		return nil, err
+	}
+	if err := validateLabels(req.GetLabels()); err != nil {
+		return nil, err
+	}
+	agent, err := s.place(limits)
+	if err != nil {
+		return nil, err
+	}
+
+	now := timestamppb.Now()
+	sess := &sandboxv1.Session{
+		Id:                 newID("ses"),
+		TemplateId:         tmpl.GetId(),
+		State:              sandboxv1.SessionState_SESSION_STATE_STARTING,
+		AgentId:            agent.GetId(),
+		CreatedAt:          now,
+		LastActiveAt:       now,
+		ResourceLimits:     limitsToProto(limits),
+		Env:                req.GetEnv(),
+		Labels:             req.GetLabels(),
+		IdleTimeoutSeconds: int32(idle / time.Second),
+		Tenant:             api.Principal(ctx),
+	}
+	if err := s.apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess}); err != nil {
+		return nil, err
+	}
+
+	// From here the session exists: finish what was started even if the
+	// client goes away, so that no container is left without a record.
+	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.StartTimeout)
+	defer cancel()
+	resp, startErr := s.agents.get(agent.GetAddress()).StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
+		SessionId:     sess.GetId(),
+		TemplateId:    tmpl.GetId(),
+		Image:         tmpl.GetImage(),
+		Limits:        sess.GetResourceLimits(),
+		Env:           sess.GetEnv(),
+		CallbackToken: newToken(),
+	}))
+	if startErr != nil {
+		reason := fmt.Sprintf("container failed to start on agent %s: %v", agent.GetId(), startErr)
+		s.log.Warn("session failed to start", "session", sess.GetId(), "agent", agent.GetId(), "err", startErr)
+		_, _ = s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{SessionId: sess.GetId()}))
+		if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+			SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
+		}); err != nil {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
+	}
+	if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_RUNNING,
+		ContainerId: resp.Msg.GetContainerId(), At: timestamppb.Now(),
+	}); err != nil {
+		return nil, err
+	}
+	return s.GetSession(ctx, sess.GetId())
+}
+
+// GetSession returns one session.
+func (s *Scheduler) GetSession(_ context.Context, id string) (*sandboxv1.Session, error) {
+	if id == "" {
+		return nil, fmt.Errorf("%w: session_id is required", sandbox.ErrInvalidArgument)
+	}
+	sess, ok := s.fsm.Session(id)
+	if !ok {
+		return nil, fmt.Errorf("%w: session %q does not exist", sandbox.ErrNotFound, id)
+	}
+	return sess, nil
+}
+
+// ListSessions returns the sessions matching the filter, oldest first, one page at a time.
+func (s *Scheduler) ListSessions(_ context.Context, req *sandboxv1.ListSessionsRequest) ([]*sandboxv1.Session, string, error) {
+	for _, st := range req.GetStates() {
+		if _, ok := sandboxv1.SessionState_name[int32(st)]; !ok || st == sandboxv1.SessionState_SESSION_STATE_UNSPECIFIED {
+			return nil, "", fmt.Errorf("%w: states: %v is not a session state", sandbox.ErrInvalidArgument, st)
+		}
+	}
+	all := s.fsm.Sessions(func(sess *sandboxv1.Session) bool {
+		if len(req.GetStates()) > 0 && !slices.Contains(req.GetStates(), sess.GetState()) {
+			return false
+		}
+		for k, v := range req.GetLabels() {
+			if got, ok := sess.GetLabels()[k]; !ok || got != v {
+				return false
+			}
+		}
+		return true
+	})
+	return paginate(all, req.GetPageSize(), req.GetPageToken())
+}
+
+// TerminateSession stops a session's container and records it TERMINATED.
+func (s *Scheduler) TerminateSession(ctx context.Context, id string) (*sandboxv1.Session, error) {
+	sess, err := s.GetSession(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if sandbox.SessionState(sess.GetState()).Terminal() {
+		return sess, nil
+	}
+	if err := s.stopSession(ctx, sess, "terminated by client"); err != nil {
+		return nil, err
+	}
+	return s.GetSession(ctx, id)
+}
+
+// stopSession takes a live session through TERMINATING to TERMINATED: its
+// container is destroyed and its unfinished executions end CANCELED.
+func (s *Scheduler) stopSession(ctx context.Context, sess *sandboxv1.Session, reason string) error {
+	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
+	defer cancel()
+	id := sess.GetId()
+	if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+		SessionId: id, State: sandboxv1.SessionState_SESSION_STATE_TERMINATING, Reason: reason, At: timestamppb.Now(),
+	}); err != nil {
+		return err
+	}
+	if agent, ok := s.fsm.Agent(sess.GetAgentId()); ok {
+		if _, err := s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{SessionId: id})); err != nil {
+			// The session stays TERMINATING; housekeeping tries again.
+			return fmt.Errorf("%w: session %s: agent %s did not stop its container (will retry): %v", sandbox.ErrUnavailable, id, agent.GetId(), err)
+		}
+	}
+	now := timestamppb.Now()
+	for _, e := range s.fsm.ExecutionsBySession(id) {
+		if sandbox.ExecutionState(e.GetState()).Terminal() {
+			continue
+		}
+		err := s.apply(bg, fsm.UpdateExecutionType, &statev1.UpdateExecution{Execution: &sandboxv1.Execution{
+			Id: e.GetId(), State: sandboxv1.ExecutionState_EXECUTION_STATE_CANCELED,
+			StateReason: "session ended: " + reason, FinishedAt: now, ExitCode: -1,
+		}})
+		if err := ignoreStale(err); err != nil {
+			return err
+		}
+	}
+	return s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+		SessionId: id, State: sandboxv1.SessionState_SESSION_STATE_TERMINATED, Reason: reason, At: now,
+	})
+}
+
+func validateLabels(labels map[string]string) error {
+	if len(labels) > maxLabels {
+		return fmt.Errorf("%w: %d labels, at most %d are allowed", sandbox.ErrInvalidArgument, len(labels), maxLabels)
+	}
+	for k, v := range labels {
+		if !labelKey.MatchString(k) {
+			return fmt.Errorf("%w: label key %q must be 1-63 letters, digits, '.', '_', '/' or '-'", sandbox.ErrInvalidArgument, k)
+		}
+		if len(v) > 256 {
+			return fmt.Errorf("%w: label %q: value longer than 256 bytes", sandbox.ErrInvalidArgument, k)
+		}
+	}
+	return nil
+}
+
+// paginate cuts a sorted list into pages; the token is an opaque offset.
+func paginate[T any](all []T, size int32, token string) ([]T, string, error) {
+	switch {
+	case size < 0:
+		return nil, "", fmt.Errorf("%w: page_size must not be negative, got %d", sandbox.ErrInvalidArgument, size)
+	case size == 0:
+		size = defaultPageSize
+	case size > maxPageSize:
+		size = maxPageSize
+	}
+	off := 0
+	if token != "" {
+		raw, err := base64.RawURLEncoding.DecodeString(token)
+		n, err2 := strconv.Atoi(string(raw))
+		if err != nil || err2 != nil || n < 0 {
+			return nil, "", fmt.Errorf("%w: page_token %q is not one this server issued", sandbox.ErrInvalidArgument, token)
+		}
+		off = n
+	}
+	if off >= len(all) {
+		return nil, "", nil
+	}
+	end := min(off+int(size), len(all))
+	next := ""
+	if end < len(all) {
+		next = base64.RawURLEncoding.EncodeToString([]byte(strconv.Itoa(end)))
+	}
+	return all[off:end], next, nil
+}
