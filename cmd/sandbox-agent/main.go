@@ -1,0 +1,100 @@
+// Command sandbox-agent runs the agent of one host: it registers with the
+// servers, starts and stops sandbox containers through containerd, and relays
+// its executors' callbacks.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/sandboxhq/sandbox/agent"
+	"github.com/sandboxhq/sandbox/agent/runtime/containerd"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "sandbox-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	def := agent.DefaultConfig()
+	var (
+		id               = flag.String("id", def.ID, "agent id, stable across restarts (default: the hostname)")
+		dataDir          = flag.String("data-dir", def.DataDir, "directory for the agent's state, sockets and artifacts")
+		listen           = flag.String("listen", def.ListenAddr, "address of the internal AgentService and /metrics")
+		advertise        = flag.String("advertise", "", "address servers reach this agent at (default: the listen address)")
+		server           = flag.String("server", def.ServerURL, "URL of a scheduler's internal port")
+		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
+		containerdAddr   = flag.String("containerd-address", containerd.DefaultConfig().Address, "containerd socket")
+		cpuMillis        = flag.Int("cpu-millis", int(def.CPUMillis), "CPU capacity offered to sessions, in thousandths of a core")
+		memoryMiB        = flag.Int64("memory-mib", def.MemoryMiB, "memory capacity offered to sessions, in MiB")
+		logLevel         = flag.String("log-level", "info", "debug, info, warn or error (also passed to executors)")
+	)
+	flag.Parse()
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: %w", *logLevel, err)
+	}
+	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *clusterTokenFile == "" {
+		return errors.New("--cluster-token-file is required")
+	}
+	b, err := os.ReadFile(*clusterTokenFile)
+	if err != nil {
+		return fmt.Errorf("cluster token: %w", err)
+	}
+	token := strings.TrimSpace(string(b))
+	if os.Geteuid() != 0 {
+		return errors.New("the agent must run as root: it drives containerd and hands socket directories to the sandbox user")
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	rcfg := containerd.DefaultConfig()
+	rcfg.Address = *containerdAddr
+	rcfg.Logger = logger.With("component", "containerd")
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	rt, err := containerd.New(cctx, rcfg)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("containerd at %s is unreachable (is it running? make up starts it): %w", *containerdAddr, err)
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	cfg := def
+	cfg.ID = *id
+	cfg.DataDir = *dataDir
+	cfg.ListenAddr = *listen
+	cfg.AdvertiseAddr = *advertise
+	cfg.ServerURL = *server
+	cfg.ClusterToken = token
+	cfg.Runtime = rt
+	cfg.CPUMillis = int32(*cpuMillis)
+	cfg.MemoryMiB = *memoryMiB
+	cfg.ExecutorLogLevel = *logLevel
+	cfg.Logger = logger
+	cfg.Registry = reg
+	a, err := agent.New(cfg)
+	if err != nil {
+		return err
+	}
+	logger.Info("agent starting", "id", cfg.ID, "listen", cfg.ListenAddr, "server", cfg.ServerURL, "containerd", *containerdAddr,
+		"cpu_millis", cfg.CPUMillis, "memory_mib", cfg.MemoryMiB)
+	return a.Run(ctx)
+}

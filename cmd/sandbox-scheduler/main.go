@@ -1,0 +1,140 @@
+// Command sandbox-scheduler runs one scheduler server: the public API, the
+// internal control-plane port the agents call, and a Raft member.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/sandboxhq/sandbox/api"
+	"github.com/sandboxhq/sandbox/scheduler"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
+	"github.com/sandboxhq/sandbox/scheduler/raftnode"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "sandbox-scheduler:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	host, _ := os.Hostname()
+	var (
+		id               = flag.String("id", host, "server id, stable across restarts")
+		dataDir          = flag.String("data-dir", "/var/lib/sandbox/scheduler", "directory for Raft log, stable store and snapshots")
+		apiAddr          = flag.String("api-addr", "127.0.0.1:7400", "public API address (Connect, gRPC, gRPC-Web, /metrics)")
+		internalAddr     = flag.String("internal-addr", "127.0.0.1:7401", "internal address agents call (ControlPlaneService)")
+		raftAddr         = flag.String("raft-addr", "127.0.0.1:7300", "Raft transport address")
+		apiKeysFile      = flag.String("api-keys-file", "", "file of accepted API keys, one per line (\"KEY\" or \"NAME KEY\")")
+		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
+		logLevel         = flag.String("log-level", "info", "debug, info, warn or error")
+	)
+	flag.Parse()
+
+	logger, err := newLogger(*logLevel)
+	if err != nil {
+		return err
+	}
+	if *apiKeysFile == "" || *clusterTokenFile == "" {
+		return errors.New("--api-keys-file and --cluster-token-file are required")
+	}
+	keys, err := api.LoadKeys(*apiKeysFile)
+	if err != nil {
+		return err
+	}
+	token, err := readToken(*clusterTokenFile)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(*dataDir, 0o700); err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	state := fsm.New(logger)
+	rcfg := raftnode.DefaultConfig()
+	rcfg.ID = *id
+	rcfg.DataDir = filepath.Join(*dataDir, "raft")
+	rcfg.BindAddr = *raftAddr
+	rcfg.Bootstrap = true
+	rcfg.Logger = logger.With("component", "raft")
+	node, err := raftnode.New(rcfg, state)
+	if err != nil {
+		return err
+	}
+	defer node.Close()
+
+	scfg := scheduler.DefaultConfig()
+	scfg.ClusterToken = token
+	scfg.Logger = logger
+	scfg.Registry = reg
+	sched := scheduler.New(scfg, state, node)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	pub := api.NewServer(*apiAddr, api.NewHandler(api.Config{Backend: sched, Keys: keys, Logger: logger, Registry: reg}))
+	internal := api.NewServer(*internalAddr, sched.ControlPlaneHandler())
+	errc := make(chan error, 3)
+	for _, srv := range []*http.Server{pub, internal} {
+		ln, err := net.Listen("tcp", srv.Addr)
+		if err != nil {
+			return err
+		}
+		go func() { errc <- srv.Serve(ln) }()
+	}
+	go func() { errc <- sched.Run(ctx) }()
+	logger.Info("scheduler started", "id", *id, "api", *apiAddr, "internal", *internalAddr, "raft", *raftAddr, "data_dir", *dataDir)
+
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+	}
+	logger.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = pub.Shutdown(sctx)
+	_ = internal.Shutdown(sctx)
+	return nil
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}
+
+func readToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("cluster token: %w", err)
+	}
+	t := strings.TrimSpace(string(b))
+	if len(t) < 16 {
+		return "", fmt.Errorf("cluster token in %s is shorter than 16 characters", path)
+	}
+	return t, nil
+}

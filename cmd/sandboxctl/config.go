@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"connectrpc.com/connect"
+
+	"github.com/sandboxhq/sandbox/api/gen/sandbox/v1/sandboxv1connect"
+)
+
+// Configuration defaults and where they are looked up.
+const (
+	defaultAddr = "http://127.0.0.1:7400"
+	envAddr     = "SANDBOX_ADDR"
+	envAPIKey   = "SANDBOX_API_KEY"
+	// apiKeyFile is looked up in the current directory and its parents
+	// (where `make up` writes the dev key), then in $HOME.
+	apiKeyFile = ".sandbox/api-key"
+)
+
+// globalFlags are accepted before the command and after any leaf command.
+// They are registered with flag.Func so that registering them on a second
+// flag set neither resets what the first one parsed nor prints a secret as a
+// default in the help.
+type globalFlags struct {
+	addr     string
+	apiKey   string
+	protocol string
+}
+
+func (g *globalFlags) register(fs *flag.FlagSet) {
+	fs.Func("addr", "`URL` of the API (env "+envAddr+", default "+defaultAddr+")", func(s string) error {
+		g.addr = s
+		return nil
+	})
+	fs.Func("api-key", "`KEY` to authenticate with (env "+envAPIKey+", default: the contents of "+apiKeyFile+" in the current directory, its parents or $HOME)", func(s string) error {
+		g.apiKey = s
+		return nil
+	})
+	fs.Func("protocol", "`PROTOCOL` on the wire: connect (default), grpc or grpcweb", func(s string) error {
+		switch s {
+		case "connect", "grpc", "grpcweb":
+			g.protocol = s
+			return nil
+		}
+		return fmt.Errorf("must be connect, grpc or grpcweb")
+	})
+}
+
+// config is the resolved configuration.
+type config struct {
+	addr     string
+	apiKey   string
+	protocol string
+}
+
+// config resolves flags, then the environment, then the defaults.
+func (a *app) config() (config, error) {
+	c := config{addr: a.global.addr, apiKey: a.global.apiKey, protocol: a.global.protocol}
+	if c.addr == "" {
+		c.addr = a.getenv(envAddr)
+	}
+	if c.addr == "" {
+		c.addr = defaultAddr
+	}
+	if !strings.Contains(c.addr, "://") {
+		c.addr = "http://" + c.addr
+	}
+	c.addr = strings.TrimRight(c.addr, "/")
+	if c.apiKey == "" {
+		c.apiKey = a.getenv(envAPIKey)
+	}
+	if c.apiKey == "" {
+		key, err := a.findAPIKey()
+		if err != nil {
+			return config{}, err
+		}
+		c.apiKey = key
+	}
+	if c.protocol == "" {
+		c.protocol = "connect"
+	}
+	return c, nil
+}
+
+// findAPIKey reads apiKeyFile from the current directory or its nearest
+// parent that has one, else from $HOME. No file is not an error: the server
+// then answers unauthenticated, which says more than a guess here would.
+func (a *app) findAPIKey() (string, error) {
+	var candidates []string
+	if wd, err := a.getwd(); err == nil {
+		for dir := wd; ; {
+			candidates = append(candidates, filepath.Join(dir, apiKeyFile))
+			parent := filepath.Dir(dir)
+			if parent == dir {
+				break
+			}
+			dir = parent
+		}
+	}
+	if home := a.getenv("HOME"); home != "" {
+		candidates = append(candidates, filepath.Join(home, apiKeyFile))
+	}
+	for _, p := range candidates {
+		b, err := os.ReadFile(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("read API key: %w", err)
+		}
+		return strings.TrimSpace(string(b)), nil
+	}
+	return "", nil
+}
+
+// abs resolves a path from the command line against the working directory.
+func (a *app) abs(p string) (string, error) {
+	if filepath.IsAbs(p) {
+		return p, nil
+	}
+	wd, err := a.getwd()
+	if err != nil {
+		return "", fmt.Errorf("working directory: %w", err)
+	}
+	return filepath.Join(wd, p), nil
+}
+
+// clients are the generated API clients, sharing one HTTP client.
+type clients struct {
+	sessions   sandboxv1connect.SessionServiceClient
+	executions sandboxv1connect.ExecutionServiceClient
+	templates  sandboxv1connect.TemplateServiceClient
+}
+
+// clients resolves the configuration and builds the API clients.
+func (a *app) clients() (*clients, error) {
+	cfg, err := a.config()
+	if err != nil {
+		return nil, err
+	}
+	hc, err := newHTTPClient(cfg.addr)
+	if err != nil {
+		return nil, err
+	}
+	opts := []connect.ClientOption{connect.WithInterceptors(bearerAuth(cfg.apiKey))}
+	switch cfg.protocol {
+	case "grpc":
+		opts = append(opts, connect.WithGRPC())
+	case "grpcweb":
+		opts = append(opts, connect.WithGRPCWeb())
+	}
+	return &clients{
+		sessions:   sandboxv1connect.NewSessionServiceClient(hc, cfg.addr, opts...),
+		executions: sandboxv1connect.NewExecutionServiceClient(hc, cfg.addr, opts...),
+		templates:  sandboxv1connect.NewTemplateServiceClient(hc, cfg.addr, opts...),
+	}, nil
+}
+
+// newHTTPClient returns a client that speaks HTTP/2 without TLS (h2c, prior
+// knowledge) to http:// addresses, as the API servers do, and negotiates
+// HTTP/2 or HTTP/1.1 over TLS for https:// ones.
+func newHTTPClient(addr string) (*http.Client, error) {
+	u, err := url.Parse(addr)
+	if err != nil {
+		return nil, usagef("bad API address %q: %v", addr, err)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	var p http.Protocols
+	switch u.Scheme {
+	case "http":
+		p.SetUnencryptedHTTP2(true)
+	case "https":
+		p.SetHTTP1(true)
+		p.SetHTTP2(true)
+	default:
+		return nil, usagef("bad API address %q: the scheme must be http or https", addr)
+	}
+	tr.Protocols = &p
+	return &http.Client{Transport: tr}, nil
+}
+
+// bearerAuth sends "Authorization: Bearer key" on every call, unary and
+// streaming. An empty key sends nothing.
+func bearerAuth(key string) connect.Interceptor {
+	return &authInterceptor{header: "Bearer " + key, enabled: key != ""}
+}
+
+type authInterceptor struct {
+	header  string
+	enabled bool
+}
+
+func (i *authInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if i.enabled {
+			req.Header().Set("Authorization", i.header)
+		}
+		return next(ctx, req)
+	}
+}
+
+func (i *authInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		conn := next(ctx, spec)
+		if i.enabled {
+			conn.RequestHeader().Set("Authorization", i.header)
+		}
+		return conn
+	}
+}
+
+func (i *authInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}
