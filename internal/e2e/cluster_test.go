@@ -1,0 +1,325 @@
+// Package e2e runs the whole platform as an operator would: real
+// sandbox-scheduler and sandbox-agent processes, real containerd, runc and
+// bubblewrap, the images `make images` built, and the public API and
+// sandboxctl as clients.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	containerd "github.com/containerd/containerd"
+	"github.com/containerd/containerd/namespaces"
+
+	"github.com/sandboxhq/sandbox/api"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/api/gen/sandbox/v1/sandboxv1connect"
+	"github.com/sandboxhq/sandbox/internal/testenv"
+)
+
+const apiKey = "e2e-test-key-0123456789abcdef"
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// binaries builds the four commands once per test binary.
+func binaries(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "sandbox-e2e-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/sandbox-scheduler", "./cmd/sandbox-agent", "./cmd/sandbox-executor", "./cmd/sandboxctl")
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+		binDir = dir
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// cluster is one scheduler and one agent running as separate processes.
+type cluster struct {
+	t            *testing.T
+	bin, dir     string
+	apiAddr      string
+	internalAddr string
+	raftAddr     string
+	agentAddr    string
+	agentID      string
+	scheduler    *exec.Cmd
+	agent        *exec.Cmd
+
+	sessions   sandboxv1connect.SessionServiceClient
+	executions sandboxv1connect.ExecutionServiceClient
+	templates  sandboxv1connect.TemplateServiceClient
+}
+
+func requireImages(t *testing.T, addr string, names ...string) {
+	t.Helper()
+	c, err := containerd.New(addr)
+	if err != nil {
+		testenv.Unavailable(t, "containerd client: %v", err)
+	}
+	defer c.Close()
+	ctx := namespaces.WithNamespace(context.Background(), "sandbox")
+	for _, n := range names {
+		if _, err := c.GetImage(ctx, "localhost/sandbox/"+n+":latest"); err != nil {
+			testenv.Unavailable(t, "image %s is not in containerd (run make images): %v", n, err)
+		}
+	}
+}
+
+func startCluster(t *testing.T) *cluster {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end test; -short skips it")
+	}
+	addr := testenv.RequireContainerd(t)
+	testenv.RequireBinary(t, "bwrap")
+	requireImages(t, addr, "python-basic", "nodejs-basic")
+	c := &cluster{
+		t:            t,
+		bin:          binaries(t),
+		dir:          t.TempDir(),
+		apiAddr:      freePort(t),
+		internalAddr: freePort(t),
+		raftAddr:     freePort(t),
+		agentAddr:    freePort(t),
+		agentID:      fmt.Sprintf("e2e-%d", time.Now().UnixNano()),
+	}
+	must(t, os.WriteFile(filepath.Join(c.dir, "api-keys"), []byte("e2e "+apiKey+"\n"), 0o600))
+	must(t, os.WriteFile(filepath.Join(c.dir, "cluster-token"), []byte("e2e-cluster-token-0123456789\n"), 0o600))
+	c.startScheduler()
+	c.startAgent(addr)
+	t.Cleanup(c.stop)
+
+	hc := api.NewH2CClient()
+	url := "http://" + c.apiAddr
+	c.sessions = sandboxv1connect.NewSessionServiceClient(hc, url, api.WithBearer(apiKey))
+	c.executions = sandboxv1connect.NewExecutionServiceClient(hc, url, api.WithBearer(apiKey))
+	c.templates = sandboxv1connect.NewTemplateServiceClient(hc, url, api.WithBearer(apiKey))
+	c.waitReady()
+	return c
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (c *cluster) logFile(name string) *os.File {
+	f, err := os.OpenFile(filepath.Join(c.dir, name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	must(c.t, err)
+	return f
+}
+
+func (c *cluster) startScheduler() {
+	cmd := exec.Command(filepath.Join(c.bin, "sandbox-scheduler"),
+		"--id", "e2e-1", "--data-dir", filepath.Join(c.dir, "scheduler"),
+		"--api-addr", c.apiAddr, "--internal-addr", c.internalAddr, "--raft-addr", c.raftAddr,
+		"--api-keys-file", filepath.Join(c.dir, "api-keys"), "--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
+		"--log-level", "debug")
+	cmd.Stdout = c.logFile("scheduler")
+	cmd.Stderr = cmd.Stdout
+	must(c.t, cmd.Start())
+	c.scheduler = cmd
+}
+
+func (c *cluster) startAgent(containerdAddr string) {
+	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"),
+		"--id", c.agentID, "--data-dir", filepath.Join(c.dir, "agent"),
+		"--listen", c.agentAddr, "--server", "http://"+c.internalAddr,
+		"--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
+		"--containerd-address", containerdAddr, "--log-level", "debug")
+	cmd.Stdout = c.logFile("agent")
+	cmd.Stderr = cmd.Stdout
+	must(c.t, cmd.Start())
+	c.agent = cmd
+}
+
+func stopProcess(cmd *exec.Cmd) {
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+}
+
+func (c *cluster) stop() {
+	stopProcess(c.agent)
+	stopProcess(c.scheduler)
+	if c.t.Failed() {
+		for _, n := range []string{"scheduler", "agent"} {
+			b, _ := os.ReadFile(filepath.Join(c.dir, n+".log"))
+			if len(b) > 20000 {
+				b = b[len(b)-20000:]
+			}
+			c.t.Logf("--- %s log (tail) ---\n%s", n, b)
+		}
+	}
+}
+
+// restartScheduler stops the scheduler process and starts it again on the same data.
+func (c *cluster) restartScheduler() {
+	stopProcess(c.scheduler)
+	c.startScheduler()
+	c.waitAPI()
+}
+
+func (c *cluster) waitAPI() {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := c.templates.GetTemplate(context.Background(), connect.NewRequest(&sandboxv1.GetTemplateRequest{TemplateId: "python-basic"}))
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("API not ready: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitReady waits until the API answers and a session can be placed.
+func (c *cluster) waitReady() {
+	c.waitAPI()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		s, err := c.sessions.CreateSession(context.Background(), connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"}))
+		if err == nil {
+			c.terminate(s.Msg.GetSession().GetId())
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("cluster not ready: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (c *cluster) createSession(req *sandboxv1.CreateSessionRequest) *sandboxv1.Session {
+	c.t.Helper()
+	resp, err := c.sessions.CreateSession(context.Background(), connect.NewRequest(req))
+	if err != nil {
+		c.t.Fatalf("CreateSession: %v", err)
+	}
+	s := resp.Msg.GetSession()
+	if s.GetState() != sandboxv1.SessionState_SESSION_STATE_RUNNING {
+		c.t.Fatalf("new session is %v, want RUNNING", s.GetState())
+	}
+	return s
+}
+
+func (c *cluster) terminate(id string) *sandboxv1.Session {
+	c.t.Helper()
+	resp, err := c.sessions.TerminateSession(context.Background(), connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: id}))
+	if err != nil {
+		c.t.Fatalf("TerminateSession %s: %v", id, err)
+	}
+	return resp.Msg.GetSession()
+}
+
+func (c *cluster) execute(req *sandboxv1.ExecuteRequest) *sandboxv1.Execution {
+	c.t.Helper()
+	resp, err := c.executions.Execute(context.Background(), connect.NewRequest(req))
+	if err != nil {
+		c.t.Fatalf("Execute: %v", err)
+	}
+	return resp.Msg.GetExecution()
+}
+
+// ctl runs sandboxctl against the cluster; it returns stdout, stderr and the exit code.
+func (c *cluster) ctl(stdin string, args ...string) (string, string, int) {
+	c.t.Helper()
+	cmd := exec.Command(filepath.Join(c.bin, "sandboxctl"), args...)
+	cmd.Env = append(os.Environ(), "SANDBOX_ADDR=http://"+c.apiAddr, "SANDBOX_API_KEY="+apiKey)
+	cmd.Dir = c.dir
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("sandboxctl %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// containersOf lists the containerd containers carrying a session's label.
+func containersOf(t *testing.T, sessionID string) []string {
+	t.Helper()
+	cl, err := containerd.New(testenv.ContainerdAddress())
+	must(t, err)
+	defer cl.Close()
+	ctx := namespaces.WithNamespace(context.Background(), "sandbox")
+	cs, err := cl.Containers(ctx, fmt.Sprintf("labels.%q==%s", "sandbox.session", sessionID))
+	must(t, err)
+	var ids []string
+	for _, c := range cs {
+		ids = append(ids, c.ID())
+	}
+	for _, c := range cs {
+		if _, err := c.Task(ctx, nil); err == nil {
+			ids = append(ids, "task:"+c.ID())
+		}
+	}
+	return ids
+}
+
+func metrics(t *testing.T, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	must(t, err)
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	_, _ = b.ReadFrom(resp.Body)
+	return b.String()
+}
