@@ -46,6 +46,7 @@ import (
 	"github.com/sandboxhq/sandbox/agent/artifacts"
 	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/agent/state"
+	"github.com/sandboxhq/sandbox/api"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 )
 
@@ -231,12 +232,14 @@ func New(cfg Config) (*Agent, error) {
 		sessions:         map[string]*session{},
 	}
 	a.cp = agentv1connect.NewControlPlaneServiceClient(&http.Client{Transport: cpTransport}, strings.TrimRight(cfg.ServerURL, "/"),
-		connect.WithInterceptors(bearerToken(cfg.ClusterToken)))
+		api.WithBearer(cfg.ClusterToken))
 	a.baseCtx, a.cancel = context.WithCancel(context.Background())
 
 	mux := http.NewServeMux()
+	clusterKeys := &api.Keys{}
+	clusterKeys.Add("cluster", cfg.ClusterToken)
 	path, h := agentv1connect.NewAgentServiceHandler(&service{a: a},
-		connect.WithInterceptors(&clusterAuth{m: newBearerMatcher(cfg.ClusterToken)}),
+		connect.WithInterceptors(api.NewAuthInterceptor(clusterKeys)),
 		connect.WithReadMaxBytes(maxRequestBytes))
 	mux.Handle(path, h)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{Registry: cfg.Registry}))

@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/api"
 	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
@@ -701,7 +702,7 @@ func TestRun(t *testing.T) {
 	var p http.Protocols
 	p.SetUnencryptedHTTP2(true)
 	h2c := &http.Client{Transport: &http.Transport{Protocols: &p}}
-	client := agentv1connect.NewAgentServiceClient(h2c, "http://"+reg.Address, connect.WithGRPC(), connect.WithInterceptors(bearerToken(testClusterToken)))
+	client := agentv1connect.NewAgentServiceClient(h2c, "http://"+reg.Address, connect.WithGRPC(), api.WithBearer(testClusterToken))
 	resp, err := client.StartSession(ctx, connect.NewRequest(startReq("run1")))
 	if err != nil {
 		t.Fatalf("StartSession over h2c gRPC: %v", err)

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/api"
 	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 	"github.com/sandboxhq/sandbox/executor/executorapi"
@@ -460,7 +461,7 @@ func newTestAgent(t *testing.T) *testAgent {
 		Agent:    a,
 		rt:       rt,
 		cp:       cp,
-		client:   agentv1connect.NewAgentServiceClient(srv.Client(), srv.URL, connect.WithInterceptors(bearerToken(testClusterToken))),
+		client:   agentv1connect.NewAgentServiceClient(srv.Client(), srv.URL, api.WithBearer(testClusterToken)),
 		url:      srv.URL,
 		http:     srv.Client(),
 		dataDir:  dataDir,

@@ -12,6 +12,7 @@ import (
 	"github.com/sandboxhq/sandbox"
 	"github.com/sandboxhq/sandbox/agent/artifacts"
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/api"
 	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
@@ -203,28 +204,11 @@ func connectError(err error) error {
 	if e, ok := isExecutorError(err); ok {
 		return connect.NewError(e.code(), err)
 	}
-	code := connect.CodeInternal
-	switch {
-	case errors.Is(err, sandbox.ErrInvalidArgument):
-		code = connect.CodeInvalidArgument
-	case errors.Is(err, sandbox.ErrNotFound):
-		code = connect.CodeNotFound
-	case errors.Is(err, sandbox.ErrAlreadyExists):
-		code = connect.CodeAlreadyExists
-	case errors.Is(err, sandbox.ErrFailedPrecondition):
-		code = connect.CodeFailedPrecondition
-	case errors.Is(err, sandbox.ErrResourceExhausted):
-		code = connect.CodeResourceExhausted
-	case errors.Is(err, sandbox.ErrUnauthenticated):
-		code = connect.CodeUnauthenticated
-	case errors.Is(err, sandbox.ErrPermissionDenied):
-		code = connect.CodePermissionDenied
-	case errors.Is(err, sandbox.ErrUnavailable):
-		code = connect.CodeUnavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		code = connect.CodeDeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		code = connect.CodeCanceled
+	// Details stay in the message: the caller is a server, which records
+	// them as the reason a session or execution failed.
+	code := api.Code(err)
+	if code == connect.CodeUnknown {
+		code = connect.CodeInternal
 	}
 	return connect.NewError(code, err)
 }

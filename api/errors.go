@@ -9,8 +9,9 @@ import (
 	"github.com/sandboxhq/sandbox"
 )
 
-// codeOf maps a domain error to its Connect code.
-func codeOf(err error) connect.Code {
+// Code maps a domain error to its Connect code; CodeUnknown when err wraps
+// no domain error.
+func Code(err error) connect.Code {
 	var ce *connect.Error
 	switch {
 	case errors.As(err, &ce):
@@ -50,7 +51,7 @@ func Error(err error) error {
 	if errors.As(err, &ce) {
 		return err
 	}
-	code := codeOf(err)
+	code := Code(err)
 	if code == connect.CodeUnknown {
 		return connect.NewError(connect.CodeInternal, errors.New("internal error; see the server log"))
 	}

@@ -40,7 +40,7 @@ type handlers struct {
 // fail turns a backend error into the Connect error the client sees, logging
 // the ones that are not domain errors before their details are hidden.
 func (h *handlers) fail(ctx context.Context, err error) error {
-	if codeOf(err) == connect.CodeUnknown {
+	if Code(err) == connect.CodeUnknown {
 		h.logger.ErrorContext(ctx, "internal error", "err", err)
 	}
 	return Error(err)
