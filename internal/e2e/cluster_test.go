@@ -323,3 +323,17 @@ func metrics(t *testing.T, addr string) string {
 	_, _ = b.ReadFrom(resp.Body)
 	return b.String()
 }
+
+// killTask SIGKILLs a container's init process (the executor) behind the agent's back.
+func killTask(t *testing.T, containerID string) {
+	t.Helper()
+	cl, err := containerd.New(testenv.ContainerdAddress())
+	must(t, err)
+	defer cl.Close()
+	ctx := namespaces.WithNamespace(context.Background(), "sandbox")
+	ctr, err := cl.LoadContainer(ctx, containerID)
+	must(t, err)
+	task, err := ctr.Task(ctx, nil)
+	must(t, err)
+	must(t, task.Kill(ctx, syscall.SIGKILL))
+}

@@ -245,6 +245,31 @@ print("ok")`})
 		}
 	})
 
+	t.Run("an executor that dies takes its session to FAILED", func(t *testing.T) {
+		s := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
+		killTask(t, s.GetContainerId())
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			r, err := c.sessions.GetSession(context.Background(), connect.NewRequest(&sandboxv1.GetSessionRequest{SessionId: s.GetId()}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Msg.GetSession().GetState() == sandboxv1.SessionState_SESSION_STATE_FAILED {
+				t.Logf("reason: %s", r.Msg.GetSession().GetStateReason())
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("session still %v after its executor died", r.Msg.GetSession().GetState())
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if ids := containersOf(t, s.GetId()); len(ids) != 0 {
+			t.Fatalf("containerd still holds %v", ids)
+		}
+		_, err := c.executions.Execute(context.Background(), connect.NewRequest(&sandboxv1.ExecuteRequest{SessionId: s.GetId(), Language: "python", Code: "1"}))
+		wantCode(t, err, connect.CodeFailedPrecondition)
+	})
+
 	t.Run("metrics are valid and move", func(t *testing.T) {
 		promtool, err := exec.LookPath("promtool")
 		if err != nil {
