@@ -251,3 +251,11 @@ func (s *Scheduler) busy(sessionID string) bool {
 }
 
 var _ = proto.Clone
+
+func (c *controlPlane) GetServerInfo(ctx context.Context, _ *connect.Request[agentv1.GetServerInfoRequest]) (*connect.Response[agentv1.GetServerInfoResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("GetServerInfo comes with the cluster work"))
+}
+
+func (c *controlPlane) AddServer(ctx context.Context, _ *connect.Request[agentv1.AddServerRequest]) (*connect.Response[agentv1.AddServerResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("AddServer comes with the cluster work"))
+}

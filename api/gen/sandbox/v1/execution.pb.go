@@ -31,6 +31,9 @@ type ExecuteRequest struct {
 	TimeoutSeconds int32             `protobuf:"varint,4,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
 	Env            map[string]string `protobuf:"bytes,5,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Async          bool              `protobuf:"varint,6,opt,name=async,proto3" json:"async,omitempty"`
+	// Makes a retried request safe: a second Execute with the same key returns
+	// the execution the first one created instead of running the code again.
+	IdempotencyKey string `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -105,6 +108,13 @@ func (x *ExecuteRequest) GetAsync() bool {
 		return x.Async
 	}
 	return false
+}
+
+func (x *ExecuteRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 type ExecuteResponse struct {
@@ -551,7 +561,7 @@ var File_sandbox_v1_execution_proto protoreflect.FileDescriptor
 const file_sandbox_v1_execution_proto_rawDesc = "" +
 	"\n" +
 	"\x1asandbox/v1/execution.proto\x12\n" +
-	"sandbox.v1\x1a\x16sandbox/v1/types.proto\"\x8d\x02\n" +
+	"sandbox.v1\x1a\x16sandbox/v1/types.proto\"\xb6\x02\n" +
 	"\x0eExecuteRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1a\n" +
@@ -559,7 +569,8 @@ const file_sandbox_v1_execution_proto_rawDesc = "" +
 	"\x04code\x18\x03 \x01(\tR\x04code\x12'\n" +
 	"\x0ftimeout_seconds\x18\x04 \x01(\x05R\x0etimeoutSeconds\x125\n" +
 	"\x03env\x18\x05 \x03(\v2#.sandbox.v1.ExecuteRequest.EnvEntryR\x03env\x12\x14\n" +
-	"\x05async\x18\x06 \x01(\bR\x05async\x1a6\n" +
+	"\x05async\x18\x06 \x01(\bR\x05async\x12'\n" +
+	"\x0fidempotency_key\x18\a \x01(\tR\x0eidempotencyKey\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"F\n" +

@@ -31,6 +31,13 @@ type CreateSessionRequest struct {
 	// Seconds without an execution after which the session is terminated;
 	// 0 means the server's default.
 	IdleTimeoutSeconds int32 `protobuf:"varint,5,opt,name=idle_timeout_seconds,json=idleTimeoutSeconds,proto3" json:"idle_timeout_seconds,omitempty"`
+	// Makes a retried request safe: a second CreateSession with the same key
+	// returns the session the first one created instead of creating another.
+	// sandboxctl sends one on every call.
+	IdempotencyKey string `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	// Seconds after creation at which the session is terminated whatever it
+	// does; 0 means the server's default.
+	MaxLifetimeSeconds int32 `protobuf:"varint,7,opt,name=max_lifetime_seconds,json=maxLifetimeSeconds,proto3" json:"max_lifetime_seconds,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -96,6 +103,20 @@ func (x *CreateSessionRequest) GetLabels() map[string]string {
 func (x *CreateSessionRequest) GetIdleTimeoutSeconds() int32 {
 	if x != nil {
 		return x.IdleTimeoutSeconds
+	}
+	return 0
+}
+
+func (x *CreateSessionRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *CreateSessionRequest) GetMaxLifetimeSeconds() int32 {
+	if x != nil {
+		return x.MaxLifetimeSeconds
 	}
 	return 0
 }
@@ -449,14 +470,16 @@ var File_sandbox_v1_session_proto protoreflect.FileDescriptor
 const file_sandbox_v1_session_proto_rawDesc = "" +
 	"\n" +
 	"\x18sandbox/v1/session.proto\x12\n" +
-	"sandbox.v1\x1a\x16sandbox/v1/types.proto\"\xa4\x03\n" +
+	"sandbox.v1\x1a\x16sandbox/v1/types.proto\"\xff\x03\n" +
 	"\x14CreateSessionRequest\x12\x1f\n" +
 	"\vtemplate_id\x18\x01 \x01(\tR\n" +
 	"templateId\x12C\n" +
 	"\x0fresource_limits\x18\x02 \x01(\v2\x1a.sandbox.v1.ResourceLimitsR\x0eresourceLimits\x12;\n" +
 	"\x03env\x18\x03 \x03(\v2).sandbox.v1.CreateSessionRequest.EnvEntryR\x03env\x12D\n" +
 	"\x06labels\x18\x04 \x03(\v2,.sandbox.v1.CreateSessionRequest.LabelsEntryR\x06labels\x120\n" +
-	"\x14idle_timeout_seconds\x18\x05 \x01(\x05R\x12idleTimeoutSeconds\x1a6\n" +
+	"\x14idle_timeout_seconds\x18\x05 \x01(\x05R\x12idleTimeoutSeconds\x12'\n" +
+	"\x0fidempotency_key\x18\x06 \x01(\tR\x0eidempotencyKey\x120\n" +
+	"\x14max_lifetime_seconds\x18\a \x01(\x05R\x12maxLifetimeSeconds\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +

@@ -255,11 +255,12 @@ type Session struct {
 	EndedAt            *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=ended_at,json=endedAt,proto3" json:"ended_at,omitempty"`
 	// Why the session reached its current state, when that is worth saying
 	// (for example "idle for 300s", "terminated by client", "container failed to start: ...").
-	StateReason   string `protobuf:"bytes,12,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
-	ContainerId   string `protobuf:"bytes,13,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
-	Tenant        string `protobuf:"bytes,14,opt,name=tenant,proto3" json:"tenant,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	StateReason        string `protobuf:"bytes,12,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
+	ContainerId        string `protobuf:"bytes,13,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	Tenant             string `protobuf:"bytes,14,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	MaxLifetimeSeconds int32  `protobuf:"varint,15,opt,name=max_lifetime_seconds,json=maxLifetimeSeconds,proto3" json:"max_lifetime_seconds,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Session) Reset() {
@@ -388,6 +389,13 @@ func (x *Session) GetTenant() string {
 		return x.Tenant
 	}
 	return ""
+}
+
+func (x *Session) GetMaxLifetimeSeconds() int32 {
+	if x != nil {
+		return x.MaxLifetimeSeconds
+	}
+	return 0
 }
 
 // Artifact is a regular file the execution left under /workspace.
@@ -754,7 +762,7 @@ const file_sandbox_v1_types_proto_rawDesc = "" +
 	"memory_mib\x18\x02 \x01(\x03R\tmemoryMib\x12\x12\n" +
 	"\x04pids\x18\x03 \x01(\x05R\x04pids\x12\x19\n" +
 	"\bdisk_mib\x18\x04 \x01(\x03R\adiskMib\x12A\n" +
-	"\x1dmax_execution_timeout_seconds\x18\x05 \x01(\x05R\x1amaxExecutionTimeoutSeconds\"\xea\x05\n" +
+	"\x1dmax_execution_timeout_seconds\x18\x05 \x01(\x05R\x1amaxExecutionTimeoutSeconds\"\x9c\x06\n" +
 	"\aSession\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vtemplate_id\x18\x02 \x01(\tR\n" +
@@ -772,7 +780,8 @@ const file_sandbox_v1_types_proto_rawDesc = "" +
 	"\bended_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\aendedAt\x12!\n" +
 	"\fstate_reason\x18\f \x01(\tR\vstateReason\x12!\n" +
 	"\fcontainer_id\x18\r \x01(\tR\vcontainerId\x12\x16\n" +
-	"\x06tenant\x18\x0e \x01(\tR\x06tenant\x1a6\n" +
+	"\x06tenant\x18\x0e \x01(\tR\x06tenant\x120\n" +
+	"\x14max_lifetime_seconds\x18\x0f \x01(\x05R\x12maxLifetimeSeconds\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +

@@ -78,8 +78,113 @@ func (ReportKind) EnumDescriptor() ([]byte, []int) {
 	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{0}
 }
 
+type NodeMeta_Role int32
+
+const (
+	NodeMeta_ROLE_UNSPECIFIED NodeMeta_Role = 0
+	NodeMeta_ROLE_SERVER      NodeMeta_Role = 1
+	NodeMeta_ROLE_AGENT       NodeMeta_Role = 2
+)
+
+// Enum value maps for NodeMeta_Role.
+var (
+	NodeMeta_Role_name = map[int32]string{
+		0: "ROLE_UNSPECIFIED",
+		1: "ROLE_SERVER",
+		2: "ROLE_AGENT",
+	}
+	NodeMeta_Role_value = map[string]int32{
+		"ROLE_UNSPECIFIED": 0,
+		"ROLE_SERVER":      1,
+		"ROLE_AGENT":       2,
+	}
+)
+
+func (x NodeMeta_Role) Enum() *NodeMeta_Role {
+	p := new(NodeMeta_Role)
+	*p = x
+	return p
+}
+
+func (x NodeMeta_Role) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NodeMeta_Role) Descriptor() protoreflect.EnumDescriptor {
+	return file_sandbox_agent_v1_agent_proto_enumTypes[1].Descriptor()
+}
+
+func (NodeMeta_Role) Type() protoreflect.EnumType {
+	return &file_sandbox_agent_v1_agent_proto_enumTypes[1]
+}
+
+func (x NodeMeta_Role) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use NodeMeta_Role.Descriptor instead.
+func (NodeMeta_Role) EnumDescriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{18, 0}
+}
+
+// Fence orders commands from servers: the Raft term and log index the leader
+// issued the command at. An agent refuses a command whose term is lower than
+// the highest it has seen, so a deposed leader's late commands do nothing.
+type Fence struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Term          uint64                 `protobuf:"varint,1,opt,name=term,proto3" json:"term,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Fence) Reset() {
+	*x = Fence{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Fence) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Fence) ProtoMessage() {}
+
+func (x *Fence) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Fence.ProtoReflect.Descriptor instead.
+func (*Fence) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Fence) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
+func (x *Fence) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
 type StartSessionRequest struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
+	Fence      *Fence                 `protobuf:"bytes,7,opt,name=fence,proto3" json:"fence,omitempty"`
 	SessionId  string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	TemplateId string                 `protobuf:"bytes,2,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
 	Image      string                 `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
@@ -93,7 +198,7 @@ type StartSessionRequest struct {
 
 func (x *StartSessionRequest) Reset() {
 	*x = StartSessionRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +210,7 @@ func (x *StartSessionRequest) String() string {
 func (*StartSessionRequest) ProtoMessage() {}
 
 func (x *StartSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +223,14 @@ func (x *StartSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartSessionRequest.ProtoReflect.Descriptor instead.
 func (*StartSessionRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *StartSessionRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
 }
 
 func (x *StartSessionRequest) GetSessionId() string {
@@ -172,7 +284,7 @@ type StartSessionResponse struct {
 
 func (x *StartSessionResponse) Reset() {
 	*x = StartSessionResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -184,7 +296,7 @@ func (x *StartSessionResponse) String() string {
 func (*StartSessionResponse) ProtoMessage() {}
 
 func (x *StartSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -197,7 +309,7 @@ func (x *StartSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartSessionResponse.ProtoReflect.Descriptor instead.
 func (*StartSessionResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *StartSessionResponse) GetContainerId() string {
@@ -209,6 +321,7 @@ func (x *StartSessionResponse) GetContainerId() string {
 
 type StopSessionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Fence         *Fence                 `protobuf:"bytes,2,opt,name=fence,proto3" json:"fence,omitempty"`
 	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -216,7 +329,7 @@ type StopSessionRequest struct {
 
 func (x *StopSessionRequest) Reset() {
 	*x = StopSessionRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -228,7 +341,7 @@ func (x *StopSessionRequest) String() string {
 func (*StopSessionRequest) ProtoMessage() {}
 
 func (x *StopSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -241,7 +354,14 @@ func (x *StopSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSessionRequest.ProtoReflect.Descriptor instead.
 func (*StopSessionRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{2}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *StopSessionRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
 }
 
 func (x *StopSessionRequest) GetSessionId() string {
@@ -259,7 +379,7 @@ type StopSessionResponse struct {
 
 func (x *StopSessionResponse) Reset() {
 	*x = StopSessionResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -271,7 +391,7 @@ func (x *StopSessionResponse) String() string {
 func (*StopSessionResponse) ProtoMessage() {}
 
 func (x *StopSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -284,11 +404,12 @@ func (x *StopSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSessionResponse.ProtoReflect.Descriptor instead.
 func (*StopSessionResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
 type ExecuteRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
+	Fence          *Fence                 `protobuf:"bytes,7,opt,name=fence,proto3" json:"fence,omitempty"`
 	ExecutionId    string                 `protobuf:"bytes,1,opt,name=execution_id,json=executionId,proto3" json:"execution_id,omitempty"`
 	SessionId      string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	Language       string                 `protobuf:"bytes,3,opt,name=language,proto3" json:"language,omitempty"`
@@ -301,7 +422,7 @@ type ExecuteRequest struct {
 
 func (x *ExecuteRequest) Reset() {
 	*x = ExecuteRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -313,7 +434,7 @@ func (x *ExecuteRequest) String() string {
 func (*ExecuteRequest) ProtoMessage() {}
 
 func (x *ExecuteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -326,7 +447,14 @@ func (x *ExecuteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecuteRequest.ProtoReflect.Descriptor instead.
 func (*ExecuteRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ExecuteRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
 }
 
 func (x *ExecuteRequest) GetExecutionId() string {
@@ -379,7 +507,7 @@ type ExecuteResponse struct {
 
 func (x *ExecuteResponse) Reset() {
 	*x = ExecuteResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -391,7 +519,7 @@ func (x *ExecuteResponse) String() string {
 func (*ExecuteResponse) ProtoMessage() {}
 
 func (x *ExecuteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -404,11 +532,12 @@ func (x *ExecuteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecuteResponse.ProtoReflect.Descriptor instead.
 func (*ExecuteResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 type CancelExecutionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Fence         *Fence                 `protobuf:"bytes,3,opt,name=fence,proto3" json:"fence,omitempty"`
 	ExecutionId   string                 `protobuf:"bytes,1,opt,name=execution_id,json=executionId,proto3" json:"execution_id,omitempty"`
 	SessionId     string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -417,7 +546,7 @@ type CancelExecutionRequest struct {
 
 func (x *CancelExecutionRequest) Reset() {
 	*x = CancelExecutionRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +558,7 @@ func (x *CancelExecutionRequest) String() string {
 func (*CancelExecutionRequest) ProtoMessage() {}
 
 func (x *CancelExecutionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +571,14 @@ func (x *CancelExecutionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelExecutionRequest.ProtoReflect.Descriptor instead.
 func (*CancelExecutionRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CancelExecutionRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
 }
 
 func (x *CancelExecutionRequest) GetExecutionId() string {
@@ -467,7 +603,7 @@ type CancelExecutionResponse struct {
 
 func (x *CancelExecutionResponse) Reset() {
 	*x = CancelExecutionResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -479,7 +615,7 @@ func (x *CancelExecutionResponse) String() string {
 func (*CancelExecutionResponse) ProtoMessage() {}
 
 func (x *CancelExecutionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -492,7 +628,7 @@ func (x *CancelExecutionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelExecutionResponse.ProtoReflect.Descriptor instead.
 func (*CancelExecutionResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 type DownloadArtifactRequest struct {
@@ -505,7 +641,7 @@ type DownloadArtifactRequest struct {
 
 func (x *DownloadArtifactRequest) Reset() {
 	*x = DownloadArtifactRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -517,7 +653,7 @@ func (x *DownloadArtifactRequest) String() string {
 func (*DownloadArtifactRequest) ProtoMessage() {}
 
 func (x *DownloadArtifactRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -530,7 +666,7 @@ func (x *DownloadArtifactRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadArtifactRequest.ProtoReflect.Descriptor instead.
 func (*DownloadArtifactRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DownloadArtifactRequest) GetExecutionId() string {
@@ -558,7 +694,7 @@ type DownloadArtifactResponse struct {
 
 func (x *DownloadArtifactResponse) Reset() {
 	*x = DownloadArtifactResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -570,7 +706,7 @@ func (x *DownloadArtifactResponse) String() string {
 func (*DownloadArtifactResponse) ProtoMessage() {}
 
 func (x *DownloadArtifactResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -583,7 +719,7 @@ func (x *DownloadArtifactResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadArtifactResponse.ProtoReflect.Descriptor instead.
 func (*DownloadArtifactResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DownloadArtifactResponse) GetArtifact() *v1.Artifact {
@@ -602,13 +738,14 @@ func (x *DownloadArtifactResponse) GetChunk() []byte {
 
 type ListContainersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Fence         *Fence                 `protobuf:"bytes,1,opt,name=fence,proto3" json:"fence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -620,7 +757,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -633,21 +770,30 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ListContainersRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
 }
 
 type Container struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
-	SessionId     string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	Running       bool                   `protobuf:"varint,3,opt,name=running,proto3" json:"running,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	SessionId   string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Running     bool                   `protobuf:"varint,3,opt,name=running,proto3" json:"running,omitempty"`
+	// Executions handed to the container's executor that have not reported a result.
+	PendingExecutionIds []string `protobuf:"bytes,4,rep,name=pending_execution_ids,json=pendingExecutionIds,proto3" json:"pending_execution_ids,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -659,7 +805,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -672,7 +818,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Container) GetContainerId() string {
@@ -696,6 +842,13 @@ func (x *Container) GetRunning() bool {
 	return false
 }
 
+func (x *Container) GetPendingExecutionIds() []string {
+	if x != nil {
+		return x.PendingExecutionIds
+	}
+	return nil
+}
+
 type ListContainersResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Containers    []*Container           `protobuf:"bytes,1,rep,name=containers,proto3" json:"containers,omitempty"`
@@ -705,7 +858,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -717,7 +870,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -730,7 +883,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -738,6 +891,305 @@ func (x *ListContainersResponse) GetContainers() []*Container {
 		return x.Containers
 	}
 	return nil
+}
+
+type GetServerInfoRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServerInfoRequest) Reset() {
+	*x = GetServerInfoRequest{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServerInfoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServerInfoRequest) ProtoMessage() {}
+
+func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
+func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+type GetServerInfoResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Server *v1.Server             `protobuf:"bytes,1,opt,name=server,proto3" json:"server,omitempty"`
+	// Whether the server already belongs to a Raft cluster.
+	HasState      bool `protobuf:"varint,2,opt,name=has_state,json=hasState,proto3" json:"has_state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServerInfoResponse) Reset() {
+	*x = GetServerInfoResponse{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServerInfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServerInfoResponse) ProtoMessage() {}
+
+func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
+func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GetServerInfoResponse) GetServer() *v1.Server {
+	if x != nil {
+		return x.Server
+	}
+	return nil
+}
+
+func (x *GetServerInfoResponse) GetHasState() bool {
+	if x != nil {
+		return x.HasState
+	}
+	return false
+}
+
+type AddServerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Server        *v1.Server             `protobuf:"bytes,1,opt,name=server,proto3" json:"server,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddServerRequest) Reset() {
+	*x = AddServerRequest{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddServerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddServerRequest) ProtoMessage() {}
+
+func (x *AddServerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddServerRequest.ProtoReflect.Descriptor instead.
+func (*AddServerRequest) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *AddServerRequest) GetServer() *v1.Server {
+	if x != nil {
+		return x.Server
+	}
+	return nil
+}
+
+type AddServerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddServerResponse) Reset() {
+	*x = AddServerResponse{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddServerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddServerResponse) ProtoMessage() {}
+
+func (x *AddServerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddServerResponse.ProtoReflect.Descriptor instead.
+func (*AddServerResponse) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+// NodeMeta is what each member of the gossip mesh advertises about itself
+// (memberlist node metadata, at most 512 bytes encoded).
+type NodeMeta struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Role  NodeMeta_Role          `protobuf:"varint,1,opt,name=role,proto3,enum=sandbox.agent.v1.NodeMeta_Role" json:"role,omitempty"`
+	Id    string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// Agents: the AgentService address. Servers: the internal address.
+	Address string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
+	// Servers only.
+	ApiAddress  string `protobuf:"bytes,4,opt,name=api_address,json=apiAddress,proto3" json:"api_address,omitempty"`
+	RaftAddress string `protobuf:"bytes,5,opt,name=raft_address,json=raftAddress,proto3" json:"raft_address,omitempty"`
+	// Agents only: capacity and what is free of it.
+	CpuMillis     int32 `protobuf:"varint,6,opt,name=cpu_millis,json=cpuMillis,proto3" json:"cpu_millis,omitempty"`
+	MemoryMib     int64 `protobuf:"varint,7,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	FreeCpuMillis int32 `protobuf:"varint,8,opt,name=free_cpu_millis,json=freeCpuMillis,proto3" json:"free_cpu_millis,omitempty"`
+	FreeMemoryMib int64 `protobuf:"varint,9,opt,name=free_memory_mib,json=freeMemoryMib,proto3" json:"free_memory_mib,omitempty"`
+	// Agents only: ready warm containers per template id.
+	Warm          map[string]int32 `protobuf:"bytes,10,rep,name=warm,proto3" json:"warm,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	BootId        string           `protobuf:"bytes,11,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeMeta) Reset() {
+	*x = NodeMeta{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeMeta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeMeta) ProtoMessage() {}
+
+func (x *NodeMeta) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeMeta.ProtoReflect.Descriptor instead.
+func (*NodeMeta) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *NodeMeta) GetRole() NodeMeta_Role {
+	if x != nil {
+		return x.Role
+	}
+	return NodeMeta_ROLE_UNSPECIFIED
+}
+
+func (x *NodeMeta) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *NodeMeta) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NodeMeta) GetApiAddress() string {
+	if x != nil {
+		return x.ApiAddress
+	}
+	return ""
+}
+
+func (x *NodeMeta) GetRaftAddress() string {
+	if x != nil {
+		return x.RaftAddress
+	}
+	return ""
+}
+
+func (x *NodeMeta) GetCpuMillis() int32 {
+	if x != nil {
+		return x.CpuMillis
+	}
+	return 0
+}
+
+func (x *NodeMeta) GetMemoryMib() int64 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *NodeMeta) GetFreeCpuMillis() int32 {
+	if x != nil {
+		return x.FreeCpuMillis
+	}
+	return 0
+}
+
+func (x *NodeMeta) GetFreeMemoryMib() int64 {
+	if x != nil {
+		return x.FreeMemoryMib
+	}
+	return 0
+}
+
+func (x *NodeMeta) GetWarm() map[string]int32 {
+	if x != nil {
+		return x.Warm
+	}
+	return nil
+}
+
+func (x *NodeMeta) GetBootId() string {
+	if x != nil {
+		return x.BootId
+	}
+	return ""
 }
 
 type RegisterAgentRequest struct {
@@ -755,7 +1207,7 @@ type RegisterAgentRequest struct {
 
 func (x *RegisterAgentRequest) Reset() {
 	*x = RegisterAgentRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -767,7 +1219,7 @@ func (x *RegisterAgentRequest) String() string {
 func (*RegisterAgentRequest) ProtoMessage() {}
 
 func (x *RegisterAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -780,7 +1232,7 @@ func (x *RegisterAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgentRequest.ProtoReflect.Descriptor instead.
 func (*RegisterAgentRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RegisterAgentRequest) GetAgentId() string {
@@ -826,7 +1278,7 @@ type RegisterAgentResponse struct {
 
 func (x *RegisterAgentResponse) Reset() {
 	*x = RegisterAgentResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +1290,7 @@ func (x *RegisterAgentResponse) String() string {
 func (*RegisterAgentResponse) ProtoMessage() {}
 
 func (x *RegisterAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +1303,7 @@ func (x *RegisterAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgentResponse.ProtoReflect.Descriptor instead.
 func (*RegisterAgentResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 type ReportExecutionRequest struct {
@@ -875,7 +1327,7 @@ type ReportExecutionRequest struct {
 
 func (x *ReportExecutionRequest) Reset() {
 	*x = ReportExecutionRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +1339,7 @@ func (x *ReportExecutionRequest) String() string {
 func (*ReportExecutionRequest) ProtoMessage() {}
 
 func (x *ReportExecutionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +1352,7 @@ func (x *ReportExecutionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportExecutionRequest.ProtoReflect.Descriptor instead.
 func (*ReportExecutionRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReportExecutionRequest) GetAgentId() string {
@@ -1002,7 +1454,7 @@ type ReportExecutionResponse struct {
 
 func (x *ReportExecutionResponse) Reset() {
 	*x = ReportExecutionResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1466,7 @@ func (x *ReportExecutionResponse) String() string {
 func (*ReportExecutionResponse) ProtoMessage() {}
 
 func (x *ReportExecutionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1479,7 @@ func (x *ReportExecutionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportExecutionResponse.ProtoReflect.Descriptor instead.
 func (*ReportExecutionResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 type ReportSessionExitRequest struct {
@@ -1041,7 +1493,7 @@ type ReportSessionExitRequest struct {
 
 func (x *ReportSessionExitRequest) Reset() {
 	*x = ReportSessionExitRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1053,7 +1505,7 @@ func (x *ReportSessionExitRequest) String() string {
 func (*ReportSessionExitRequest) ProtoMessage() {}
 
 func (x *ReportSessionExitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1066,7 +1518,7 @@ func (x *ReportSessionExitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportSessionExitRequest.ProtoReflect.Descriptor instead.
 func (*ReportSessionExitRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReportSessionExitRequest) GetAgentId() string {
@@ -1098,7 +1550,7 @@ type ReportSessionExitResponse struct {
 
 func (x *ReportSessionExitResponse) Reset() {
 	*x = ReportSessionExitResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1110,7 +1562,7 @@ func (x *ReportSessionExitResponse) String() string {
 func (*ReportSessionExitResponse) ProtoMessage() {}
 
 func (x *ReportSessionExitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1123,15 +1575,19 @@ func (x *ReportSessionExitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportSessionExitResponse.ProtoReflect.Descriptor instead.
 func (*ReportSessionExitResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 var File_sandbox_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x1csandbox/agent/v1/agent.proto\x12\x10sandbox.agent.v1\x1a\x16sandbox/v1/types.proto\"\xc0\x02\n" +
-	"\x13StartSessionRequest\x12\x1d\n" +
+	"\x1csandbox/agent/v1/agent.proto\x12\x10sandbox.agent.v1\x1a\x18sandbox/v1/cluster.proto\x1a\x16sandbox/v1/types.proto\"1\n" +
+	"\x05Fence\x12\x12\n" +
+	"\x04term\x18\x01 \x01(\x04R\x04term\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\xef\x02\n" +
+	"\x13StartSessionRequest\x12-\n" +
+	"\x05fence\x18\a \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
 	"\vtemplate_id\x18\x02 \x01(\tR\n" +
@@ -1144,12 +1600,14 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"9\n" +
 	"\x14StartSessionResponse\x12!\n" +
-	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"3\n" +
-	"\x12StopSessionRequest\x12\x1d\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"b\n" +
+	"\x12StopSessionRequest\x12-\n" +
+	"\x05fence\x18\x02 \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\"\x15\n" +
-	"\x13StopSessionResponse\"\xa0\x02\n" +
-	"\x0eExecuteRequest\x12!\n" +
+	"\x13StopSessionResponse\"\xcf\x02\n" +
+	"\x0eExecuteRequest\x12-\n" +
+	"\x05fence\x18\a \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\x12!\n" +
 	"\fexecution_id\x18\x01 \x01(\tR\vexecutionId\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tR\tsessionId\x12\x1a\n" +
@@ -1160,8 +1618,9 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x11\n" +
-	"\x0fExecuteResponse\"Z\n" +
-	"\x16CancelExecutionRequest\x12!\n" +
+	"\x0fExecuteResponse\"\x89\x01\n" +
+	"\x16CancelExecutionRequest\x12-\n" +
+	"\x05fence\x18\x03 \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\x12!\n" +
 	"\fexecution_id\x18\x01 \x01(\tR\vexecutionId\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tR\tsessionId\"\x19\n" +
@@ -1171,17 +1630,50 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\x04path\x18\x02 \x01(\tR\x04path\"b\n" +
 	"\x18DownloadArtifactResponse\x120\n" +
 	"\bartifact\x18\x01 \x01(\v2\x14.sandbox.v1.ArtifactR\bartifact\x12\x14\n" +
-	"\x05chunk\x18\x02 \x01(\fR\x05chunk\"\x17\n" +
-	"\x15ListContainersRequest\"g\n" +
+	"\x05chunk\x18\x02 \x01(\fR\x05chunk\"F\n" +
+	"\x15ListContainersRequest\x12-\n" +
+	"\x05fence\x18\x01 \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\"\x9b\x01\n" +
 	"\tContainer\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x02 \x01(\tR\tsessionId\x12\x18\n" +
-	"\arunning\x18\x03 \x01(\bR\arunning\"U\n" +
+	"\arunning\x18\x03 \x01(\bR\arunning\x122\n" +
+	"\x15pending_execution_ids\x18\x04 \x03(\tR\x13pendingExecutionIds\"U\n" +
 	"\x16ListContainersResponse\x12;\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x1b.sandbox.agent.v1.ContainerR\n" +
-	"containers\"\xa2\x01\n" +
+	"containers\"\x16\n" +
+	"\x14GetServerInfoRequest\"`\n" +
+	"\x15GetServerInfoResponse\x12*\n" +
+	"\x06server\x18\x01 \x01(\v2\x12.sandbox.v1.ServerR\x06server\x12\x1b\n" +
+	"\thas_state\x18\x02 \x01(\bR\bhasState\">\n" +
+	"\x10AddServerRequest\x12*\n" +
+	"\x06server\x18\x01 \x01(\v2\x12.sandbox.v1.ServerR\x06server\"\x13\n" +
+	"\x11AddServerResponse\"\x86\x04\n" +
+	"\bNodeMeta\x123\n" +
+	"\x04role\x18\x01 \x01(\x0e2\x1f.sandbox.agent.v1.NodeMeta.RoleR\x04role\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\x12\x1f\n" +
+	"\vapi_address\x18\x04 \x01(\tR\n" +
+	"apiAddress\x12!\n" +
+	"\fraft_address\x18\x05 \x01(\tR\vraftAddress\x12\x1d\n" +
+	"\n" +
+	"cpu_millis\x18\x06 \x01(\x05R\tcpuMillis\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\a \x01(\x03R\tmemoryMib\x12&\n" +
+	"\x0ffree_cpu_millis\x18\b \x01(\x05R\rfreeCpuMillis\x12&\n" +
+	"\x0ffree_memory_mib\x18\t \x01(\x03R\rfreeMemoryMib\x128\n" +
+	"\x04warm\x18\n" +
+	" \x03(\v2$.sandbox.agent.v1.NodeMeta.WarmEntryR\x04warm\x12\x17\n" +
+	"\aboot_id\x18\v \x01(\tR\x06bootId\x1a7\n" +
+	"\tWarmEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"=\n" +
+	"\x04Role\x12\x14\n" +
+	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
+	"\vROLE_SERVER\x10\x01\x12\x0e\n" +
+	"\n" +
+	"ROLE_AGENT\x10\x02\"\xa2\x01\n" +
 	"\x14RegisterAgentRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1d\n" +
@@ -1227,11 +1719,13 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\aExecute\x12 .sandbox.agent.v1.ExecuteRequest\x1a!.sandbox.agent.v1.ExecuteResponse\x12f\n" +
 	"\x0fCancelExecution\x12(.sandbox.agent.v1.CancelExecutionRequest\x1a).sandbox.agent.v1.CancelExecutionResponse\x12k\n" +
 	"\x10DownloadArtifact\x12).sandbox.agent.v1.DownloadArtifactRequest\x1a*.sandbox.agent.v1.DownloadArtifactResponse0\x01\x12c\n" +
-	"\x0eListContainers\x12'.sandbox.agent.v1.ListContainersRequest\x1a(.sandbox.agent.v1.ListContainersResponse2\xcd\x02\n" +
+	"\x0eListContainers\x12'.sandbox.agent.v1.ListContainersRequest\x1a(.sandbox.agent.v1.ListContainersResponse2\x85\x04\n" +
 	"\x13ControlPlaneService\x12`\n" +
 	"\rRegisterAgent\x12&.sandbox.agent.v1.RegisterAgentRequest\x1a'.sandbox.agent.v1.RegisterAgentResponse\x12f\n" +
 	"\x0fReportExecution\x12(.sandbox.agent.v1.ReportExecutionRequest\x1a).sandbox.agent.v1.ReportExecutionResponse\x12l\n" +
-	"\x11ReportSessionExit\x12*.sandbox.agent.v1.ReportSessionExitRequest\x1a+.sandbox.agent.v1.ReportSessionExitResponseB?Z=github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1;agentv1b\x06proto3"
+	"\x11ReportSessionExit\x12*.sandbox.agent.v1.ReportSessionExitRequest\x1a+.sandbox.agent.v1.ReportSessionExitResponse\x12`\n" +
+	"\rGetServerInfo\x12&.sandbox.agent.v1.GetServerInfoRequest\x1a'.sandbox.agent.v1.GetServerInfoResponse\x12T\n" +
+	"\tAddServer\x12\".sandbox.agent.v1.AddServerRequest\x1a#.sandbox.agent.v1.AddServerResponseB?Z=github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_sandbox_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1245,67 +1739,89 @@ func file_sandbox_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_sandbox_agent_v1_agent_proto_rawDescData
 }
 
-var file_sandbox_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_sandbox_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_sandbox_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_sandbox_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_sandbox_agent_v1_agent_proto_goTypes = []any{
 	(ReportKind)(0),                   // 0: sandbox.agent.v1.ReportKind
-	(*StartSessionRequest)(nil),       // 1: sandbox.agent.v1.StartSessionRequest
-	(*StartSessionResponse)(nil),      // 2: sandbox.agent.v1.StartSessionResponse
-	(*StopSessionRequest)(nil),        // 3: sandbox.agent.v1.StopSessionRequest
-	(*StopSessionResponse)(nil),       // 4: sandbox.agent.v1.StopSessionResponse
-	(*ExecuteRequest)(nil),            // 5: sandbox.agent.v1.ExecuteRequest
-	(*ExecuteResponse)(nil),           // 6: sandbox.agent.v1.ExecuteResponse
-	(*CancelExecutionRequest)(nil),    // 7: sandbox.agent.v1.CancelExecutionRequest
-	(*CancelExecutionResponse)(nil),   // 8: sandbox.agent.v1.CancelExecutionResponse
-	(*DownloadArtifactRequest)(nil),   // 9: sandbox.agent.v1.DownloadArtifactRequest
-	(*DownloadArtifactResponse)(nil),  // 10: sandbox.agent.v1.DownloadArtifactResponse
-	(*ListContainersRequest)(nil),     // 11: sandbox.agent.v1.ListContainersRequest
-	(*Container)(nil),                 // 12: sandbox.agent.v1.Container
-	(*ListContainersResponse)(nil),    // 13: sandbox.agent.v1.ListContainersResponse
-	(*RegisterAgentRequest)(nil),      // 14: sandbox.agent.v1.RegisterAgentRequest
-	(*RegisterAgentResponse)(nil),     // 15: sandbox.agent.v1.RegisterAgentResponse
-	(*ReportExecutionRequest)(nil),    // 16: sandbox.agent.v1.ReportExecutionRequest
-	(*ReportExecutionResponse)(nil),   // 17: sandbox.agent.v1.ReportExecutionResponse
-	(*ReportSessionExitRequest)(nil),  // 18: sandbox.agent.v1.ReportSessionExitRequest
-	(*ReportSessionExitResponse)(nil), // 19: sandbox.agent.v1.ReportSessionExitResponse
-	nil,                               // 20: sandbox.agent.v1.StartSessionRequest.EnvEntry
-	nil,                               // 21: sandbox.agent.v1.ExecuteRequest.EnvEntry
-	(*v1.ResourceLimits)(nil),         // 22: sandbox.v1.ResourceLimits
-	(*v1.Artifact)(nil),               // 23: sandbox.v1.Artifact
-	(v1.ExecutionState)(0),            // 24: sandbox.v1.ExecutionState
+	(NodeMeta_Role)(0),                // 1: sandbox.agent.v1.NodeMeta.Role
+	(*Fence)(nil),                     // 2: sandbox.agent.v1.Fence
+	(*StartSessionRequest)(nil),       // 3: sandbox.agent.v1.StartSessionRequest
+	(*StartSessionResponse)(nil),      // 4: sandbox.agent.v1.StartSessionResponse
+	(*StopSessionRequest)(nil),        // 5: sandbox.agent.v1.StopSessionRequest
+	(*StopSessionResponse)(nil),       // 6: sandbox.agent.v1.StopSessionResponse
+	(*ExecuteRequest)(nil),            // 7: sandbox.agent.v1.ExecuteRequest
+	(*ExecuteResponse)(nil),           // 8: sandbox.agent.v1.ExecuteResponse
+	(*CancelExecutionRequest)(nil),    // 9: sandbox.agent.v1.CancelExecutionRequest
+	(*CancelExecutionResponse)(nil),   // 10: sandbox.agent.v1.CancelExecutionResponse
+	(*DownloadArtifactRequest)(nil),   // 11: sandbox.agent.v1.DownloadArtifactRequest
+	(*DownloadArtifactResponse)(nil),  // 12: sandbox.agent.v1.DownloadArtifactResponse
+	(*ListContainersRequest)(nil),     // 13: sandbox.agent.v1.ListContainersRequest
+	(*Container)(nil),                 // 14: sandbox.agent.v1.Container
+	(*ListContainersResponse)(nil),    // 15: sandbox.agent.v1.ListContainersResponse
+	(*GetServerInfoRequest)(nil),      // 16: sandbox.agent.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),     // 17: sandbox.agent.v1.GetServerInfoResponse
+	(*AddServerRequest)(nil),          // 18: sandbox.agent.v1.AddServerRequest
+	(*AddServerResponse)(nil),         // 19: sandbox.agent.v1.AddServerResponse
+	(*NodeMeta)(nil),                  // 20: sandbox.agent.v1.NodeMeta
+	(*RegisterAgentRequest)(nil),      // 21: sandbox.agent.v1.RegisterAgentRequest
+	(*RegisterAgentResponse)(nil),     // 22: sandbox.agent.v1.RegisterAgentResponse
+	(*ReportExecutionRequest)(nil),    // 23: sandbox.agent.v1.ReportExecutionRequest
+	(*ReportExecutionResponse)(nil),   // 24: sandbox.agent.v1.ReportExecutionResponse
+	(*ReportSessionExitRequest)(nil),  // 25: sandbox.agent.v1.ReportSessionExitRequest
+	(*ReportSessionExitResponse)(nil), // 26: sandbox.agent.v1.ReportSessionExitResponse
+	nil,                               // 27: sandbox.agent.v1.StartSessionRequest.EnvEntry
+	nil,                               // 28: sandbox.agent.v1.ExecuteRequest.EnvEntry
+	nil,                               // 29: sandbox.agent.v1.NodeMeta.WarmEntry
+	(*v1.ResourceLimits)(nil),         // 30: sandbox.v1.ResourceLimits
+	(*v1.Artifact)(nil),               // 31: sandbox.v1.Artifact
+	(*v1.Server)(nil),                 // 32: sandbox.v1.Server
+	(v1.ExecutionState)(0),            // 33: sandbox.v1.ExecutionState
 }
 var file_sandbox_agent_v1_agent_proto_depIdxs = []int32{
-	22, // 0: sandbox.agent.v1.StartSessionRequest.limits:type_name -> sandbox.v1.ResourceLimits
-	20, // 1: sandbox.agent.v1.StartSessionRequest.env:type_name -> sandbox.agent.v1.StartSessionRequest.EnvEntry
-	21, // 2: sandbox.agent.v1.ExecuteRequest.env:type_name -> sandbox.agent.v1.ExecuteRequest.EnvEntry
-	23, // 3: sandbox.agent.v1.DownloadArtifactResponse.artifact:type_name -> sandbox.v1.Artifact
-	12, // 4: sandbox.agent.v1.ListContainersResponse.containers:type_name -> sandbox.agent.v1.Container
-	0,  // 5: sandbox.agent.v1.ReportExecutionRequest.kind:type_name -> sandbox.agent.v1.ReportKind
-	24, // 6: sandbox.agent.v1.ReportExecutionRequest.state:type_name -> sandbox.v1.ExecutionState
-	23, // 7: sandbox.agent.v1.ReportExecutionRequest.artifacts:type_name -> sandbox.v1.Artifact
-	1,  // 8: sandbox.agent.v1.AgentService.StartSession:input_type -> sandbox.agent.v1.StartSessionRequest
-	3,  // 9: sandbox.agent.v1.AgentService.StopSession:input_type -> sandbox.agent.v1.StopSessionRequest
-	5,  // 10: sandbox.agent.v1.AgentService.Execute:input_type -> sandbox.agent.v1.ExecuteRequest
-	7,  // 11: sandbox.agent.v1.AgentService.CancelExecution:input_type -> sandbox.agent.v1.CancelExecutionRequest
-	9,  // 12: sandbox.agent.v1.AgentService.DownloadArtifact:input_type -> sandbox.agent.v1.DownloadArtifactRequest
-	11, // 13: sandbox.agent.v1.AgentService.ListContainers:input_type -> sandbox.agent.v1.ListContainersRequest
-	14, // 14: sandbox.agent.v1.ControlPlaneService.RegisterAgent:input_type -> sandbox.agent.v1.RegisterAgentRequest
-	16, // 15: sandbox.agent.v1.ControlPlaneService.ReportExecution:input_type -> sandbox.agent.v1.ReportExecutionRequest
-	18, // 16: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:input_type -> sandbox.agent.v1.ReportSessionExitRequest
-	2,  // 17: sandbox.agent.v1.AgentService.StartSession:output_type -> sandbox.agent.v1.StartSessionResponse
-	4,  // 18: sandbox.agent.v1.AgentService.StopSession:output_type -> sandbox.agent.v1.StopSessionResponse
-	6,  // 19: sandbox.agent.v1.AgentService.Execute:output_type -> sandbox.agent.v1.ExecuteResponse
-	8,  // 20: sandbox.agent.v1.AgentService.CancelExecution:output_type -> sandbox.agent.v1.CancelExecutionResponse
-	10, // 21: sandbox.agent.v1.AgentService.DownloadArtifact:output_type -> sandbox.agent.v1.DownloadArtifactResponse
-	13, // 22: sandbox.agent.v1.AgentService.ListContainers:output_type -> sandbox.agent.v1.ListContainersResponse
-	15, // 23: sandbox.agent.v1.ControlPlaneService.RegisterAgent:output_type -> sandbox.agent.v1.RegisterAgentResponse
-	17, // 24: sandbox.agent.v1.ControlPlaneService.ReportExecution:output_type -> sandbox.agent.v1.ReportExecutionResponse
-	19, // 25: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:output_type -> sandbox.agent.v1.ReportSessionExitResponse
-	17, // [17:26] is the sub-list for method output_type
-	8,  // [8:17] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	2,  // 0: sandbox.agent.v1.StartSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
+	30, // 1: sandbox.agent.v1.StartSessionRequest.limits:type_name -> sandbox.v1.ResourceLimits
+	27, // 2: sandbox.agent.v1.StartSessionRequest.env:type_name -> sandbox.agent.v1.StartSessionRequest.EnvEntry
+	2,  // 3: sandbox.agent.v1.StopSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
+	2,  // 4: sandbox.agent.v1.ExecuteRequest.fence:type_name -> sandbox.agent.v1.Fence
+	28, // 5: sandbox.agent.v1.ExecuteRequest.env:type_name -> sandbox.agent.v1.ExecuteRequest.EnvEntry
+	2,  // 6: sandbox.agent.v1.CancelExecutionRequest.fence:type_name -> sandbox.agent.v1.Fence
+	31, // 7: sandbox.agent.v1.DownloadArtifactResponse.artifact:type_name -> sandbox.v1.Artifact
+	2,  // 8: sandbox.agent.v1.ListContainersRequest.fence:type_name -> sandbox.agent.v1.Fence
+	14, // 9: sandbox.agent.v1.ListContainersResponse.containers:type_name -> sandbox.agent.v1.Container
+	32, // 10: sandbox.agent.v1.GetServerInfoResponse.server:type_name -> sandbox.v1.Server
+	32, // 11: sandbox.agent.v1.AddServerRequest.server:type_name -> sandbox.v1.Server
+	1,  // 12: sandbox.agent.v1.NodeMeta.role:type_name -> sandbox.agent.v1.NodeMeta.Role
+	29, // 13: sandbox.agent.v1.NodeMeta.warm:type_name -> sandbox.agent.v1.NodeMeta.WarmEntry
+	0,  // 14: sandbox.agent.v1.ReportExecutionRequest.kind:type_name -> sandbox.agent.v1.ReportKind
+	33, // 15: sandbox.agent.v1.ReportExecutionRequest.state:type_name -> sandbox.v1.ExecutionState
+	31, // 16: sandbox.agent.v1.ReportExecutionRequest.artifacts:type_name -> sandbox.v1.Artifact
+	3,  // 17: sandbox.agent.v1.AgentService.StartSession:input_type -> sandbox.agent.v1.StartSessionRequest
+	5,  // 18: sandbox.agent.v1.AgentService.StopSession:input_type -> sandbox.agent.v1.StopSessionRequest
+	7,  // 19: sandbox.agent.v1.AgentService.Execute:input_type -> sandbox.agent.v1.ExecuteRequest
+	9,  // 20: sandbox.agent.v1.AgentService.CancelExecution:input_type -> sandbox.agent.v1.CancelExecutionRequest
+	11, // 21: sandbox.agent.v1.AgentService.DownloadArtifact:input_type -> sandbox.agent.v1.DownloadArtifactRequest
+	13, // 22: sandbox.agent.v1.AgentService.ListContainers:input_type -> sandbox.agent.v1.ListContainersRequest
+	21, // 23: sandbox.agent.v1.ControlPlaneService.RegisterAgent:input_type -> sandbox.agent.v1.RegisterAgentRequest
+	23, // 24: sandbox.agent.v1.ControlPlaneService.ReportExecution:input_type -> sandbox.agent.v1.ReportExecutionRequest
+	25, // 25: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:input_type -> sandbox.agent.v1.ReportSessionExitRequest
+	16, // 26: sandbox.agent.v1.ControlPlaneService.GetServerInfo:input_type -> sandbox.agent.v1.GetServerInfoRequest
+	18, // 27: sandbox.agent.v1.ControlPlaneService.AddServer:input_type -> sandbox.agent.v1.AddServerRequest
+	4,  // 28: sandbox.agent.v1.AgentService.StartSession:output_type -> sandbox.agent.v1.StartSessionResponse
+	6,  // 29: sandbox.agent.v1.AgentService.StopSession:output_type -> sandbox.agent.v1.StopSessionResponse
+	8,  // 30: sandbox.agent.v1.AgentService.Execute:output_type -> sandbox.agent.v1.ExecuteResponse
+	10, // 31: sandbox.agent.v1.AgentService.CancelExecution:output_type -> sandbox.agent.v1.CancelExecutionResponse
+	12, // 32: sandbox.agent.v1.AgentService.DownloadArtifact:output_type -> sandbox.agent.v1.DownloadArtifactResponse
+	15, // 33: sandbox.agent.v1.AgentService.ListContainers:output_type -> sandbox.agent.v1.ListContainersResponse
+	22, // 34: sandbox.agent.v1.ControlPlaneService.RegisterAgent:output_type -> sandbox.agent.v1.RegisterAgentResponse
+	24, // 35: sandbox.agent.v1.ControlPlaneService.ReportExecution:output_type -> sandbox.agent.v1.ReportExecutionResponse
+	26, // 36: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:output_type -> sandbox.agent.v1.ReportSessionExitResponse
+	17, // 37: sandbox.agent.v1.ControlPlaneService.GetServerInfo:output_type -> sandbox.agent.v1.GetServerInfoResponse
+	19, // 38: sandbox.agent.v1.ControlPlaneService.AddServer:output_type -> sandbox.agent.v1.AddServerResponse
+	28, // [28:39] is the sub-list for method output_type
+	17, // [17:28] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_sandbox_agent_v1_agent_proto_init() }
@@ -1318,8 +1834,8 @@ func file_sandbox_agent_v1_agent_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_agent_v1_agent_proto_rawDesc), len(file_sandbox_agent_v1_agent_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   21,
+			NumEnums:      2,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

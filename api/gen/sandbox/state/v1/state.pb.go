@@ -29,15 +29,18 @@ const (
 
 // Agent is a host that runs sandboxes, as the servers know it.
 type Agent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	CpuMillis     int32                  `protobuf:"varint,3,opt,name=cpu_millis,json=cpuMillis,proto3" json:"cpu_millis,omitempty"`
-	MemoryMib     int64                  `protobuf:"varint,4,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
-	BootId        string                 `protobuf:"bytes,5,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
-	RegisteredAt  *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=registered_at,json=registeredAt,proto3" json:"registered_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Address        string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	CpuMillis      int32                  `protobuf:"varint,3,opt,name=cpu_millis,json=cpuMillis,proto3" json:"cpu_millis,omitempty"`
+	MemoryMib      int64                  `protobuf:"varint,4,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	BootId         string                 `protobuf:"bytes,5,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
+	RegisteredAt   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=registered_at,json=registeredAt,proto3" json:"registered_at,omitempty"`
+	State          v1.NodeState           `protobuf:"varint,7,opt,name=state,proto3,enum=sandbox.v1.NodeState" json:"state,omitempty"`
+	StateReason    string                 `protobuf:"bytes,8,opt,name=state_reason,json=stateReason,proto3" json:"state_reason,omitempty"`
+	StateChangedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=state_changed_at,json=stateChangedAt,proto3" json:"state_changed_at,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Agent) Reset() {
@@ -112,6 +115,303 @@ func (x *Agent) GetRegisteredAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Agent) GetState() v1.NodeState {
+	if x != nil {
+		return x.State
+	}
+	return v1.NodeState(0)
+}
+
+func (x *Agent) GetStateReason() string {
+	if x != nil {
+		return x.StateReason
+	}
+	return ""
+}
+
+func (x *Agent) GetStateChangedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StateChangedAt
+	}
+	return nil
+}
+
+// SetAgentState records a node's liveness or drain state; the FSM refuses
+// an unknown agent.
+type SetAgentState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AgentId       string                 `protobuf:"bytes,1,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	State         v1.NodeState           `protobuf:"varint,2,opt,name=state,proto3,enum=sandbox.v1.NodeState" json:"state,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=at,proto3" json:"at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAgentState) Reset() {
+	*x = SetAgentState{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAgentState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAgentState) ProtoMessage() {}
+
+func (x *SetAgentState) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAgentState.ProtoReflect.Descriptor instead.
+func (*SetAgentState) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetAgentState) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *SetAgentState) GetState() v1.NodeState {
+	if x != nil {
+		return x.State
+	}
+	return v1.NodeState(0)
+}
+
+func (x *SetAgentState) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *SetAgentState) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+// RegisterServer records a server's addresses (Raft membership itself lives
+// in the Raft configuration).
+type RegisterServer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Server        *v1.Server             `protobuf:"bytes,1,opt,name=server,proto3" json:"server,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterServer) Reset() {
+	*x = RegisterServer{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterServer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterServer) ProtoMessage() {}
+
+func (x *RegisterServer) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterServer.ProtoReflect.Descriptor instead.
+func (*RegisterServer) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RegisterServer) GetServer() *v1.Server {
+	if x != nil {
+		return x.Server
+	}
+	return nil
+}
+
+type DeregisterServer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ServerId      string                 `protobuf:"bytes,1,opt,name=server_id,json=serverId,proto3" json:"server_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeregisterServer) Reset() {
+	*x = DeregisterServer{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeregisterServer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeregisterServer) ProtoMessage() {}
+
+func (x *DeregisterServer) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeregisterServer.ProtoReflect.Descriptor instead.
+func (*DeregisterServer) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *DeregisterServer) GetServerId() string {
+	if x != nil {
+		return x.ServerId
+	}
+	return ""
+}
+
+// PurgeSessions deletes ended sessions and their executions; the FSM skips
+// any that is not terminal.
+type PurgeSessions struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionIds    []string               `protobuf:"bytes,1,rep,name=session_ids,json=sessionIds,proto3" json:"session_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PurgeSessions) Reset() {
+	*x = PurgeSessions{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PurgeSessions) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PurgeSessions) ProtoMessage() {}
+
+func (x *PurgeSessions) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PurgeSessions.ProtoReflect.Descriptor instead.
+func (*PurgeSessions) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *PurgeSessions) GetSessionIds() []string {
+	if x != nil {
+		return x.SessionIds
+	}
+	return nil
+}
+
+// IdempotencyRecord remembers which record a client's idempotency key created.
+type IdempotencyRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// "session" or "execution".
+	Kind          string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	Id            string                 `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdempotencyRecord) Reset() {
+	*x = IdempotencyRecord{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdempotencyRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdempotencyRecord) ProtoMessage() {}
+
+func (x *IdempotencyRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdempotencyRecord.ProtoReflect.Descriptor instead.
+func (*IdempotencyRecord) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *IdempotencyRecord) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *IdempotencyRecord) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *IdempotencyRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *IdempotencyRecord) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
 type PutTemplate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Template      *v1.Template           `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
@@ -121,7 +421,7 @@ type PutTemplate struct {
 
 func (x *PutTemplate) Reset() {
 	*x = PutTemplate{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[1]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -133,7 +433,7 @@ func (x *PutTemplate) String() string {
 func (*PutTemplate) ProtoMessage() {}
 
 func (x *PutTemplate) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[1]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -146,7 +446,7 @@ func (x *PutTemplate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutTemplate.ProtoReflect.Descriptor instead.
 func (*PutTemplate) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{1}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PutTemplate) GetTemplate() *v1.Template {
@@ -165,7 +465,7 @@ type DeleteTemplate struct {
 
 func (x *DeleteTemplate) Reset() {
 	*x = DeleteTemplate{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[2]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -177,7 +477,7 @@ func (x *DeleteTemplate) String() string {
 func (*DeleteTemplate) ProtoMessage() {}
 
 func (x *DeleteTemplate) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[2]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -190,7 +490,7 @@ func (x *DeleteTemplate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTemplate.ProtoReflect.Descriptor instead.
 func (*DeleteTemplate) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{2}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeleteTemplate) GetTemplateId() string {
@@ -201,15 +501,18 @@ func (x *DeleteTemplate) GetTemplateId() string {
 }
 
 type CreateSession struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Session       *v1.Session            `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Session *v1.Session            `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	// When set and already used (scoped by tenant), the command creates
+	// nothing and the existing session stands.
+	IdempotencyKey string `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CreateSession) Reset() {
 	*x = CreateSession{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[3]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -221,7 +524,7 @@ func (x *CreateSession) String() string {
 func (*CreateSession) ProtoMessage() {}
 
 func (x *CreateSession) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[3]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -234,7 +537,7 @@ func (x *CreateSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSession.ProtoReflect.Descriptor instead.
 func (*CreateSession) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{3}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateSession) GetSession() *v1.Session {
@@ -242,6 +545,13 @@ func (x *CreateSession) GetSession() *v1.Session {
 		return x.Session
 	}
 	return nil
+}
+
+func (x *CreateSession) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 // UpdateSession moves a session to a new state; the FSM refuses illegal transitions.
@@ -259,7 +569,7 @@ type UpdateSession struct {
 
 func (x *UpdateSession) Reset() {
 	*x = UpdateSession{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[4]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -271,7 +581,7 @@ func (x *UpdateSession) String() string {
 func (*UpdateSession) ProtoMessage() {}
 
 func (x *UpdateSession) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[4]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -284,7 +594,7 @@ func (x *UpdateSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSession.ProtoReflect.Descriptor instead.
 func (*UpdateSession) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{4}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *UpdateSession) GetSessionId() string {
@@ -330,15 +640,16 @@ func (x *UpdateSession) GetAt() *timestamppb.Timestamp {
 }
 
 type CreateExecution struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Execution     *v1.Execution          `protobuf:"bytes,1,opt,name=execution,proto3" json:"execution,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Execution      *v1.Execution          `protobuf:"bytes,1,opt,name=execution,proto3" json:"execution,omitempty"`
+	IdempotencyKey string                 `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CreateExecution) Reset() {
 	*x = CreateExecution{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[5]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -350,7 +661,7 @@ func (x *CreateExecution) String() string {
 func (*CreateExecution) ProtoMessage() {}
 
 func (x *CreateExecution) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[5]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -363,7 +674,7 @@ func (x *CreateExecution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateExecution.ProtoReflect.Descriptor instead.
 func (*CreateExecution) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{5}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateExecution) GetExecution() *v1.Execution {
@@ -371,6 +682,13 @@ func (x *CreateExecution) GetExecution() *v1.Execution {
 		return x.Execution
 	}
 	return nil
+}
+
+func (x *CreateExecution) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 // UpdateExecution moves an execution to a new state, with its result when terminal.
@@ -384,7 +702,7 @@ type UpdateExecution struct {
 
 func (x *UpdateExecution) Reset() {
 	*x = UpdateExecution{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[6]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -396,7 +714,7 @@ func (x *UpdateExecution) String() string {
 func (*UpdateExecution) ProtoMessage() {}
 
 func (x *UpdateExecution) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[6]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -409,7 +727,7 @@ func (x *UpdateExecution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateExecution.ProtoReflect.Descriptor instead.
 func (*UpdateExecution) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{6}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UpdateExecution) GetExecution() *v1.Execution {
@@ -428,7 +746,7 @@ type RegisterAgent struct {
 
 func (x *RegisterAgent) Reset() {
 	*x = RegisterAgent{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -440,7 +758,7 @@ func (x *RegisterAgent) String() string {
 func (*RegisterAgent) ProtoMessage() {}
 
 func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -453,7 +771,7 @@ func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgent.ProtoReflect.Descriptor instead.
 func (*RegisterAgent) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{7}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RegisterAgent) GetAgent() *Agent {
@@ -470,13 +788,15 @@ type Snapshot struct {
 	Sessions      []*v1.Session          `protobuf:"bytes,2,rep,name=sessions,proto3" json:"sessions,omitempty"`
 	Executions    []*v1.Execution        `protobuf:"bytes,3,rep,name=executions,proto3" json:"executions,omitempty"`
 	Agents        []*Agent               `protobuf:"bytes,4,rep,name=agents,proto3" json:"agents,omitempty"`
+	Servers       []*v1.Server           `protobuf:"bytes,5,rep,name=servers,proto3" json:"servers,omitempty"`
+	Idempotency   []*IdempotencyRecord   `protobuf:"bytes,6,rep,name=idempotency,proto3" json:"idempotency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -488,7 +808,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -501,7 +821,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{8}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Snapshot) GetTemplates() []*v1.Template {
@@ -532,11 +852,25 @@ func (x *Snapshot) GetAgents() []*Agent {
 	return nil
 }
 
+func (x *Snapshot) GetServers() []*v1.Server {
+	if x != nil {
+		return x.Servers
+	}
+	return nil
+}
+
+func (x *Snapshot) GetIdempotency() []*IdempotencyRecord {
+	if x != nil {
+		return x.Idempotency
+	}
+	return nil
+}
+
 var File_sandbox_state_v1_state_proto protoreflect.FileDescriptor
 
 const file_sandbox_state_v1_state_proto_rawDesc = "" +
 	"\n" +
-	"\x1csandbox/state/v1/state.proto\x12\x10sandbox.state.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sandbox/v1/types.proto\"\xc9\x01\n" +
+	"\x1csandbox/state/v1/state.proto\x12\x10sandbox.state.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sandbox/v1/cluster.proto\x1a\x16sandbox/v1/types.proto\"\xdf\x02\n" +
 	"\x05Agent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1d\n" +
@@ -545,14 +879,36 @@ const file_sandbox_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"memory_mib\x18\x04 \x01(\x03R\tmemoryMib\x12\x17\n" +
 	"\aboot_id\x18\x05 \x01(\tR\x06bootId\x12?\n" +
-	"\rregistered_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\fregisteredAt\"?\n" +
+	"\rregistered_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\fregisteredAt\x12+\n" +
+	"\x05state\x18\a \x01(\x0e2\x15.sandbox.v1.NodeStateR\x05state\x12!\n" +
+	"\fstate_reason\x18\b \x01(\tR\vstateReason\x12D\n" +
+	"\x10state_changed_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x0estateChangedAt\"\x9b\x01\n" +
+	"\rSetAgentState\x12\x19\n" +
+	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12+\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x15.sandbox.v1.NodeStateR\x05state\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12*\n" +
+	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"<\n" +
+	"\x0eRegisterServer\x12*\n" +
+	"\x06server\x18\x01 \x01(\v2\x12.sandbox.v1.ServerR\x06server\"/\n" +
+	"\x10DeregisterServer\x12\x1b\n" +
+	"\tserver_id\x18\x01 \x01(\tR\bserverId\"0\n" +
+	"\rPurgeSessions\x12\x1f\n" +
+	"\vsession_ids\x18\x01 \x03(\tR\n" +
+	"sessionIds\"\x84\x01\n" +
+	"\x11IdempotencyRecord\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x129\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"?\n" +
 	"\vPutTemplate\x120\n" +
 	"\btemplate\x18\x01 \x01(\v2\x14.sandbox.v1.TemplateR\btemplate\"1\n" +
 	"\x0eDeleteTemplate\x12\x1f\n" +
 	"\vtemplate_id\x18\x01 \x01(\tR\n" +
-	"templateId\">\n" +
+	"templateId\"g\n" +
 	"\rCreateSession\x12-\n" +
-	"\asession\x18\x01 \x01(\v2\x13.sandbox.v1.SessionR\asession\"\xe0\x01\n" +
+	"\asession\x18\x01 \x01(\v2\x13.sandbox.v1.SessionR\asession\x12'\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\xe0\x01\n" +
 	"\rUpdateSession\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12.\n" +
@@ -560,20 +916,23 @@ const file_sandbox_state_v1_state_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x19\n" +
 	"\bagent_id\x18\x04 \x01(\tR\aagentId\x12!\n" +
 	"\fcontainer_id\x18\x05 \x01(\tR\vcontainerId\x12*\n" +
-	"\x02at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"F\n" +
+	"\x02at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"o\n" +
 	"\x0fCreateExecution\x123\n" +
-	"\texecution\x18\x01 \x01(\v2\x15.sandbox.v1.ExecutionR\texecution\"F\n" +
+	"\texecution\x18\x01 \x01(\v2\x15.sandbox.v1.ExecutionR\texecution\x12'\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"F\n" +
 	"\x0fUpdateExecution\x123\n" +
 	"\texecution\x18\x01 \x01(\v2\x15.sandbox.v1.ExecutionR\texecution\">\n" +
 	"\rRegisterAgent\x12-\n" +
-	"\x05agent\x18\x01 \x01(\v2\x17.sandbox.state.v1.AgentR\x05agent\"\xd7\x01\n" +
+	"\x05agent\x18\x01 \x01(\v2\x17.sandbox.state.v1.AgentR\x05agent\"\xcc\x02\n" +
 	"\bSnapshot\x122\n" +
 	"\ttemplates\x18\x01 \x03(\v2\x14.sandbox.v1.TemplateR\ttemplates\x12/\n" +
 	"\bsessions\x18\x02 \x03(\v2\x13.sandbox.v1.SessionR\bsessions\x125\n" +
 	"\n" +
 	"executions\x18\x03 \x03(\v2\x15.sandbox.v1.ExecutionR\n" +
 	"executions\x12/\n" +
-	"\x06agents\x18\x04 \x03(\v2\x17.sandbox.state.v1.AgentR\x06agentsB?Z=github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1;statev1b\x06proto3"
+	"\x06agents\x18\x04 \x03(\v2\x17.sandbox.state.v1.AgentR\x06agents\x12,\n" +
+	"\aservers\x18\x05 \x03(\v2\x12.sandbox.v1.ServerR\aservers\x12E\n" +
+	"\vidempotency\x18\x06 \x03(\v2#.sandbox.state.v1.IdempotencyRecordR\vidempotencyB?Z=github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1;statev1b\x06proto3"
 
 var (
 	file_sandbox_state_v1_state_proto_rawDescOnce sync.Once
@@ -587,41 +946,56 @@ func file_sandbox_state_v1_state_proto_rawDescGZIP() []byte {
 	return file_sandbox_state_v1_state_proto_rawDescData
 }
 
-var file_sandbox_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_sandbox_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_sandbox_state_v1_state_proto_goTypes = []any{
 	(*Agent)(nil),                 // 0: sandbox.state.v1.Agent
-	(*PutTemplate)(nil),           // 1: sandbox.state.v1.PutTemplate
-	(*DeleteTemplate)(nil),        // 2: sandbox.state.v1.DeleteTemplate
-	(*CreateSession)(nil),         // 3: sandbox.state.v1.CreateSession
-	(*UpdateSession)(nil),         // 4: sandbox.state.v1.UpdateSession
-	(*CreateExecution)(nil),       // 5: sandbox.state.v1.CreateExecution
-	(*UpdateExecution)(nil),       // 6: sandbox.state.v1.UpdateExecution
-	(*RegisterAgent)(nil),         // 7: sandbox.state.v1.RegisterAgent
-	(*Snapshot)(nil),              // 8: sandbox.state.v1.Snapshot
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
-	(*v1.Template)(nil),           // 10: sandbox.v1.Template
-	(*v1.Session)(nil),            // 11: sandbox.v1.Session
-	(v1.SessionState)(0),          // 12: sandbox.v1.SessionState
-	(*v1.Execution)(nil),          // 13: sandbox.v1.Execution
+	(*SetAgentState)(nil),         // 1: sandbox.state.v1.SetAgentState
+	(*RegisterServer)(nil),        // 2: sandbox.state.v1.RegisterServer
+	(*DeregisterServer)(nil),      // 3: sandbox.state.v1.DeregisterServer
+	(*PurgeSessions)(nil),         // 4: sandbox.state.v1.PurgeSessions
+	(*IdempotencyRecord)(nil),     // 5: sandbox.state.v1.IdempotencyRecord
+	(*PutTemplate)(nil),           // 6: sandbox.state.v1.PutTemplate
+	(*DeleteTemplate)(nil),        // 7: sandbox.state.v1.DeleteTemplate
+	(*CreateSession)(nil),         // 8: sandbox.state.v1.CreateSession
+	(*UpdateSession)(nil),         // 9: sandbox.state.v1.UpdateSession
+	(*CreateExecution)(nil),       // 10: sandbox.state.v1.CreateExecution
+	(*UpdateExecution)(nil),       // 11: sandbox.state.v1.UpdateExecution
+	(*RegisterAgent)(nil),         // 12: sandbox.state.v1.RegisterAgent
+	(*Snapshot)(nil),              // 13: sandbox.state.v1.Snapshot
+	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
+	(v1.NodeState)(0),             // 15: sandbox.v1.NodeState
+	(*v1.Server)(nil),             // 16: sandbox.v1.Server
+	(*v1.Template)(nil),           // 17: sandbox.v1.Template
+	(*v1.Session)(nil),            // 18: sandbox.v1.Session
+	(v1.SessionState)(0),          // 19: sandbox.v1.SessionState
+	(*v1.Execution)(nil),          // 20: sandbox.v1.Execution
 }
 var file_sandbox_state_v1_state_proto_depIdxs = []int32{
-	9,  // 0: sandbox.state.v1.Agent.registered_at:type_name -> google.protobuf.Timestamp
-	10, // 1: sandbox.state.v1.PutTemplate.template:type_name -> sandbox.v1.Template
-	11, // 2: sandbox.state.v1.CreateSession.session:type_name -> sandbox.v1.Session
-	12, // 3: sandbox.state.v1.UpdateSession.state:type_name -> sandbox.v1.SessionState
-	9,  // 4: sandbox.state.v1.UpdateSession.at:type_name -> google.protobuf.Timestamp
-	13, // 5: sandbox.state.v1.CreateExecution.execution:type_name -> sandbox.v1.Execution
-	13, // 6: sandbox.state.v1.UpdateExecution.execution:type_name -> sandbox.v1.Execution
-	0,  // 7: sandbox.state.v1.RegisterAgent.agent:type_name -> sandbox.state.v1.Agent
-	10, // 8: sandbox.state.v1.Snapshot.templates:type_name -> sandbox.v1.Template
-	11, // 9: sandbox.state.v1.Snapshot.sessions:type_name -> sandbox.v1.Session
-	13, // 10: sandbox.state.v1.Snapshot.executions:type_name -> sandbox.v1.Execution
-	0,  // 11: sandbox.state.v1.Snapshot.agents:type_name -> sandbox.state.v1.Agent
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	14, // 0: sandbox.state.v1.Agent.registered_at:type_name -> google.protobuf.Timestamp
+	15, // 1: sandbox.state.v1.Agent.state:type_name -> sandbox.v1.NodeState
+	14, // 2: sandbox.state.v1.Agent.state_changed_at:type_name -> google.protobuf.Timestamp
+	15, // 3: sandbox.state.v1.SetAgentState.state:type_name -> sandbox.v1.NodeState
+	14, // 4: sandbox.state.v1.SetAgentState.at:type_name -> google.protobuf.Timestamp
+	16, // 5: sandbox.state.v1.RegisterServer.server:type_name -> sandbox.v1.Server
+	14, // 6: sandbox.state.v1.IdempotencyRecord.created_at:type_name -> google.protobuf.Timestamp
+	17, // 7: sandbox.state.v1.PutTemplate.template:type_name -> sandbox.v1.Template
+	18, // 8: sandbox.state.v1.CreateSession.session:type_name -> sandbox.v1.Session
+	19, // 9: sandbox.state.v1.UpdateSession.state:type_name -> sandbox.v1.SessionState
+	14, // 10: sandbox.state.v1.UpdateSession.at:type_name -> google.protobuf.Timestamp
+	20, // 11: sandbox.state.v1.CreateExecution.execution:type_name -> sandbox.v1.Execution
+	20, // 12: sandbox.state.v1.UpdateExecution.execution:type_name -> sandbox.v1.Execution
+	0,  // 13: sandbox.state.v1.RegisterAgent.agent:type_name -> sandbox.state.v1.Agent
+	17, // 14: sandbox.state.v1.Snapshot.templates:type_name -> sandbox.v1.Template
+	18, // 15: sandbox.state.v1.Snapshot.sessions:type_name -> sandbox.v1.Session
+	20, // 16: sandbox.state.v1.Snapshot.executions:type_name -> sandbox.v1.Execution
+	0,  // 17: sandbox.state.v1.Snapshot.agents:type_name -> sandbox.state.v1.Agent
+	16, // 18: sandbox.state.v1.Snapshot.servers:type_name -> sandbox.v1.Server
+	5,  // 19: sandbox.state.v1.Snapshot.idempotency:type_name -> sandbox.state.v1.IdempotencyRecord
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_sandbox_state_v1_state_proto_init() }
@@ -635,7 +1009,7 @@ func file_sandbox_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_state_v1_state_proto_rawDesc), len(file_sandbox_state_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -64,6 +64,12 @@ const (
 	// ControlPlaneServiceReportSessionExitProcedure is the fully-qualified name of the
 	// ControlPlaneService's ReportSessionExit RPC.
 	ControlPlaneServiceReportSessionExitProcedure = "/sandbox.agent.v1.ControlPlaneService/ReportSessionExit"
+	// ControlPlaneServiceGetServerInfoProcedure is the fully-qualified name of the
+	// ControlPlaneService's GetServerInfo RPC.
+	ControlPlaneServiceGetServerInfoProcedure = "/sandbox.agent.v1.ControlPlaneService/GetServerInfo"
+	// ControlPlaneServiceAddServerProcedure is the fully-qualified name of the ControlPlaneService's
+	// AddServer RPC.
+	ControlPlaneServiceAddServerProcedure = "/sandbox.agent.v1.ControlPlaneService/AddServer"
 )
 
 // AgentServiceClient is a client for the sandbox.agent.v1.AgentService service.
@@ -290,6 +296,10 @@ type ControlPlaneServiceClient interface {
 	ReportExecution(context.Context, *connect.Request[v1.ReportExecutionRequest]) (*connect.Response[v1.ReportExecutionResponse], error)
 	// ReportSessionExit tells the servers that a session's container ended by itself.
 	ReportSessionExit(context.Context, *connect.Request[v1.ReportSessionExitRequest]) (*connect.Response[v1.ReportSessionExitResponse], error)
+	// GetServerInfo describes the answering server, for joining and bootstrapping.
+	GetServerInfo(context.Context, *connect.Request[v1.GetServerInfoRequest]) (*connect.Response[v1.GetServerInfoResponse], error)
+	// AddServer asks the cluster (through its leader) to add a server as a voter.
+	AddServer(context.Context, *connect.Request[v1.AddServerRequest]) (*connect.Response[v1.AddServerResponse], error)
 }
 
 // NewControlPlaneServiceClient constructs a client for the sandbox.agent.v1.ControlPlaneService
@@ -321,6 +331,18 @@ func NewControlPlaneServiceClient(httpClient connect.HTTPClient, baseURL string,
 			connect.WithSchema(controlPlaneServiceMethods.ByName("ReportSessionExit")),
 			connect.WithClientOptions(opts...),
 		),
+		getServerInfo: connect.NewClient[v1.GetServerInfoRequest, v1.GetServerInfoResponse](
+			httpClient,
+			baseURL+ControlPlaneServiceGetServerInfoProcedure,
+			connect.WithSchema(controlPlaneServiceMethods.ByName("GetServerInfo")),
+			connect.WithClientOptions(opts...),
+		),
+		addServer: connect.NewClient[v1.AddServerRequest, v1.AddServerResponse](
+			httpClient,
+			baseURL+ControlPlaneServiceAddServerProcedure,
+			connect.WithSchema(controlPlaneServiceMethods.ByName("AddServer")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -329,6 +351,8 @@ type controlPlaneServiceClient struct {
 	registerAgent     *connect.Client[v1.RegisterAgentRequest, v1.RegisterAgentResponse]
 	reportExecution   *connect.Client[v1.ReportExecutionRequest, v1.ReportExecutionResponse]
 	reportSessionExit *connect.Client[v1.ReportSessionExitRequest, v1.ReportSessionExitResponse]
+	getServerInfo     *connect.Client[v1.GetServerInfoRequest, v1.GetServerInfoResponse]
+	addServer         *connect.Client[v1.AddServerRequest, v1.AddServerResponse]
 }
 
 // RegisterAgent calls sandbox.agent.v1.ControlPlaneService.RegisterAgent.
@@ -346,6 +370,16 @@ func (c *controlPlaneServiceClient) ReportSessionExit(ctx context.Context, req *
 	return c.reportSessionExit.CallUnary(ctx, req)
 }
 
+// GetServerInfo calls sandbox.agent.v1.ControlPlaneService.GetServerInfo.
+func (c *controlPlaneServiceClient) GetServerInfo(ctx context.Context, req *connect.Request[v1.GetServerInfoRequest]) (*connect.Response[v1.GetServerInfoResponse], error) {
+	return c.getServerInfo.CallUnary(ctx, req)
+}
+
+// AddServer calls sandbox.agent.v1.ControlPlaneService.AddServer.
+func (c *controlPlaneServiceClient) AddServer(ctx context.Context, req *connect.Request[v1.AddServerRequest]) (*connect.Response[v1.AddServerResponse], error) {
+	return c.addServer.CallUnary(ctx, req)
+}
+
 // ControlPlaneServiceHandler is an implementation of the sandbox.agent.v1.ControlPlaneService
 // service.
 type ControlPlaneServiceHandler interface {
@@ -355,6 +389,10 @@ type ControlPlaneServiceHandler interface {
 	ReportExecution(context.Context, *connect.Request[v1.ReportExecutionRequest]) (*connect.Response[v1.ReportExecutionResponse], error)
 	// ReportSessionExit tells the servers that a session's container ended by itself.
 	ReportSessionExit(context.Context, *connect.Request[v1.ReportSessionExitRequest]) (*connect.Response[v1.ReportSessionExitResponse], error)
+	// GetServerInfo describes the answering server, for joining and bootstrapping.
+	GetServerInfo(context.Context, *connect.Request[v1.GetServerInfoRequest]) (*connect.Response[v1.GetServerInfoResponse], error)
+	// AddServer asks the cluster (through its leader) to add a server as a voter.
+	AddServer(context.Context, *connect.Request[v1.AddServerRequest]) (*connect.Response[v1.AddServerResponse], error)
 }
 
 // NewControlPlaneServiceHandler builds an HTTP handler from the service implementation. It returns
@@ -382,6 +420,18 @@ func NewControlPlaneServiceHandler(svc ControlPlaneServiceHandler, opts ...conne
 		connect.WithSchema(controlPlaneServiceMethods.ByName("ReportSessionExit")),
 		connect.WithHandlerOptions(opts...),
 	)
+	controlPlaneServiceGetServerInfoHandler := connect.NewUnaryHandler(
+		ControlPlaneServiceGetServerInfoProcedure,
+		svc.GetServerInfo,
+		connect.WithSchema(controlPlaneServiceMethods.ByName("GetServerInfo")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlPlaneServiceAddServerHandler := connect.NewUnaryHandler(
+		ControlPlaneServiceAddServerProcedure,
+		svc.AddServer,
+		connect.WithSchema(controlPlaneServiceMethods.ByName("AddServer")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/sandbox.agent.v1.ControlPlaneService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ControlPlaneServiceRegisterAgentProcedure:
@@ -390,6 +440,10 @@ func NewControlPlaneServiceHandler(svc ControlPlaneServiceHandler, opts ...conne
 			controlPlaneServiceReportExecutionHandler.ServeHTTP(w, r)
 		case ControlPlaneServiceReportSessionExitProcedure:
 			controlPlaneServiceReportSessionExitHandler.ServeHTTP(w, r)
+		case ControlPlaneServiceGetServerInfoProcedure:
+			controlPlaneServiceGetServerInfoHandler.ServeHTTP(w, r)
+		case ControlPlaneServiceAddServerProcedure:
+			controlPlaneServiceAddServerHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -409,4 +463,12 @@ func (UnimplementedControlPlaneServiceHandler) ReportExecution(context.Context, 
 
 func (UnimplementedControlPlaneServiceHandler) ReportSessionExit(context.Context, *connect.Request[v1.ReportSessionExitRequest]) (*connect.Response[v1.ReportSessionExitResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.agent.v1.ControlPlaneService.ReportSessionExit is not implemented"))
+}
+
+func (UnimplementedControlPlaneServiceHandler) GetServerInfo(context.Context, *connect.Request[v1.GetServerInfoRequest]) (*connect.Response[v1.GetServerInfoResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.agent.v1.ControlPlaneService.GetServerInfo is not implemented"))
+}
+
+func (UnimplementedControlPlaneServiceHandler) AddServer(context.Context, *connect.Request[v1.AddServerRequest]) (*connect.Response[v1.AddServerResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.agent.v1.ControlPlaneService.AddServer is not implemented"))
 }
