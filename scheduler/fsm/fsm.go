@@ -1,7 +1,8 @@
 // Package fsm is the scheduler's replicated state machine: the templates,
-// sessions, executions and agents every server holds, and the rules that
-// change them. It implements raft.FSM; every change arrives as a committed
-// Raft log entry and is applied in the same order on every server.
+// sessions, executions, agents, servers and idempotency keys every server
+// holds, and the rules that change them. It implements raft.FSM; every change
+// arrives as a committed Raft log entry and is applied in the same order on
+// every server.
 //
 // # Command encoding
 //
@@ -21,22 +22,54 @@
 // its error is the apply response (an error wrapping sandbox.ErrNotFound,
 // ErrAlreadyExists, ErrFailedPrecondition or ErrInvalidArgument), which
 // raftnode.Node.Apply turns back into the returned error. A successful command
-// responds nil.
+// responds nil, except where a rule below names another value (Existing,
+// Purged); those are values, not errors.
 //
 //   - PutTemplate upserts a template by id. DeleteTemplate refuses a missing
 //     template, a built-in one, and one that a live session still uses.
 //   - CreateSession refuses an existing id and a missing template.
+//     With an idempotency key, see Idempotency below.
 //   - UpdateSession moves a session along sandbox.SessionState.CanTransition;
 //     the same state again is a successful no-op that still records a given
 //     agent, container and reason. A terminal state sets ended_at.
 //   - CreateExecution refuses an existing id and needs its session to exist
 //     and be RUNNING; it marks the session active at the execution's created_at.
+//     With an idempotency key, see Idempotency below.
 //   - UpdateExecution moves an execution along
 //     sandbox.ExecutionState.CanTransition and, on a terminal state, records
 //     its result and marks the session active at finished_at. Terminal states
 //     are final, so a late or duplicate report with another state is refused
 //     with ErrFailedPrecondition and one with the same state is a no-op.
-//   - RegisterAgent upserts an agent by id.
+//   - RegisterAgent upserts an agent by id and manages its state (the
+//     command's own state fields are ignored): a new agent, or one that is
+//     DEAD, LEFT or has no state yet, becomes READY with state_changed_at =
+//     registered_at and no reason; a READY or DRAINING agent keeps its state,
+//     reason and state_changed_at.
+//   - SetAgentState refuses an UNSPECIFIED or unknown state
+//     (ErrInvalidArgument) and an unknown agent (ErrNotFound); the same state
+//     again is a no-op; otherwise it records state, reason and
+//     state_changed_at = at.
+//   - RegisterServer upserts a server's addresses and voter flag by id,
+//     refusing an empty id; the role is not stored, since it is not
+//     replicated state (Raft knows it). DeregisterServer deletes a server; an
+//     unknown id is a successful no-op.
+//   - PurgeSessions deletes each listed session that exists and is terminal,
+//     with all its executions and the idempotency records of all of them;
+//     it skips (and logs at debug) an unknown or non-terminal id. Waiters on
+//     deleted records wake and get ErrNotFound. It responds Purged with the
+//     counts.
+//
+// # Idempotency
+//
+// A CreateSession or CreateExecution with a non-empty idempotency key is
+// scoped by the record's kind and tenant (the session's or the execution's
+// tenant field): the same key from another tenant, or for the other kind, is
+// another key. If the scoped key already names a record, the command creates
+// nothing, checks nothing else, and responds Existing with that record's id.
+// Otherwise the command runs its usual rules (an existing id is still
+// ErrAlreadyExists) and, on success, records the key with the id and the
+// record's created_at. A key lives as long as its record: PurgeSessions drops
+// it.
 //
 // Every timestamp comes from the command, never from the clock of the server
 // applying it, so that all servers hold identical state.
@@ -74,13 +107,17 @@ type MessageType uint8
 
 // Command types. Never renumber or reuse one.
 const (
-	PutTemplateType     MessageType = 1
-	DeleteTemplateType  MessageType = 2
-	CreateSessionType   MessageType = 3
-	UpdateSessionType   MessageType = 4
-	CreateExecutionType MessageType = 5
-	UpdateExecutionType MessageType = 6
-	RegisterAgentType   MessageType = 7
+	PutTemplateType      MessageType = 1
+	DeleteTemplateType   MessageType = 2
+	CreateSessionType    MessageType = 3
+	UpdateSessionType    MessageType = 4
+	CreateExecutionType  MessageType = 5
+	UpdateExecutionType  MessageType = 6
+	RegisterAgentType    MessageType = 7
+	SetAgentStateType    MessageType = 8
+	RegisterServerType   MessageType = 9
+	DeregisterServerType MessageType = 10
+	PurgeSessionsType    MessageType = 11
 )
 
 // IgnoreUnknownTypeFlag marks a command type that a server which does not
@@ -88,13 +125,17 @@ const (
 const IgnoreUnknownTypeFlag MessageType = 128
 
 var typeNames = map[MessageType]string{
-	PutTemplateType:     "PutTemplate",
-	DeleteTemplateType:  "DeleteTemplate",
-	CreateSessionType:   "CreateSession",
-	UpdateSessionType:   "UpdateSession",
-	CreateExecutionType: "CreateExecution",
-	UpdateExecutionType: "UpdateExecution",
-	RegisterAgentType:   "RegisterAgent",
+	PutTemplateType:      "PutTemplate",
+	DeleteTemplateType:   "DeleteTemplate",
+	CreateSessionType:    "CreateSession",
+	UpdateSessionType:    "UpdateSession",
+	CreateExecutionType:  "CreateExecution",
+	UpdateExecutionType:  "UpdateExecution",
+	RegisterAgentType:    "RegisterAgent",
+	SetAgentStateType:    "SetAgentState",
+	RegisterServerType:   "RegisterServer",
+	DeregisterServerType: "DeregisterServer",
+	PurgeSessionsType:    "PurgeSessions",
 }
 
 func (t MessageType) String() string {
@@ -125,6 +166,12 @@ type FSM struct {
 	// bySession indexes execution ids by session id.
 	bySession map[string]map[string]struct{}
 	agents    map[string]*statev1.Agent
+	servers   map[string]*sandboxv1.Server
+	// idempotency holds the records by scoped key (see idempotencyKey), and
+	// idempotencyOf indexes the scoped key by the record it names (see
+	// recordKey), so that a purge finds them without a scan.
+	idempotency   map[string]*statev1.IdempotencyRecord
+	idempotencyOf map[string]string
 
 	// watchMu guards the watch maps. Lock order: mu, then watchMu.
 	watchMu        sync.Mutex
@@ -161,16 +208,24 @@ func (f *FSM) reset() {
 	f.executions = make(map[string]*sandboxv1.Execution)
 	f.bySession = make(map[string]map[string]struct{})
 	f.agents = make(map[string]*statev1.Agent)
+	f.servers = make(map[string]*sandboxv1.Server)
+	f.idempotency = make(map[string]*statev1.IdempotencyRecord)
+	f.idempotencyOf = make(map[string]string)
 }
 
-// Apply applies one committed command. It returns nil on success or an error
-// wrapping a domain error when the rules refuse the command; it panics on a
+// Apply applies one committed command. It returns nil on success (or the
+// Existing or Purged value the rules name), or an error wrapping a domain
+// error when the rules refuse the command; it panics on a
 // command it cannot decode or an unknown type without IgnoreUnknownTypeFlag.
 func (f *FSM) Apply(l *raft.Log) any {
 	if len(l.Data) == 0 {
 		panic(fmt.Sprintf("fsm: empty command at index %d", l.Index))
 	}
 	t, payload := MessageType(l.Data[0]), l.Data[1:]
+	// The flag only matters to servers that do not know the type: a known
+	// type is applied with or without it.
+	ignorable := t&IgnoreUnknownTypeFlag != 0
+	t &^= IgnoreUnknownTypeFlag
 
 	var msg proto.Message
 	switch t {
@@ -188,8 +243,16 @@ func (f *FSM) Apply(l *raft.Log) any {
 		msg = &statev1.UpdateExecution{}
 	case RegisterAgentType:
 		msg = &statev1.RegisterAgent{}
+	case SetAgentStateType:
+		msg = &statev1.SetAgentState{}
+	case RegisterServerType:
+		msg = &statev1.RegisterServer{}
+	case DeregisterServerType:
+		msg = &statev1.DeregisterServer{}
+	case PurgeSessionsType:
+		msg = &statev1.PurgeSessions{}
 	default:
-		if t&IgnoreUnknownTypeFlag != 0 {
+		if ignorable {
 			f.logger.Warn("ignoring unknown command type", "type", uint8(t), "index", l.Index)
 			return nil
 		}
@@ -216,12 +279,20 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return f.updateExecution(m)
 	case *statev1.RegisterAgent:
 		return f.registerAgent(m)
+	case *statev1.SetAgentState:
+		return f.setAgentState(m)
+	case *statev1.RegisterServer:
+		return f.registerServer(m)
+	case *statev1.DeregisterServer:
+		return f.deregisterServer(m)
+	case *statev1.PurgeSessions:
+		return f.purgeSessions(m)
 	}
 	panic(fmt.Sprintf("fsm: no handler for %v", t))
 }
 
 // The apply helpers run with mu held for writing and return Apply's
-// response: nil or an error.
+// response: nil, an Existing or Purged value, or an error.
 
 func (f *FSM) putTemplate(m *statev1.PutTemplate) any {
 	t := m.GetTemplate()
@@ -252,6 +323,10 @@ func (f *FSM) deleteTemplate(m *statev1.DeleteTemplate) any {
 
 func (f *FSM) createSession(m *statev1.CreateSession) any {
 	s := m.GetSession()
+	ikey := idempotencyKey(KindSession, s.GetTenant(), m.GetIdempotencyKey())
+	if r, ok := f.idempotency[ikey]; ok {
+		return Existing{Kind: KindSession, ID: r.GetId()}
+	}
 	id := s.GetId()
 	if id == "" {
 		return fmt.Errorf("%w: create session: missing session id", sandbox.ErrInvalidArgument)
@@ -265,6 +340,7 @@ func (f *FSM) createSession(m *statev1.CreateSession) any {
 	// The decoded message belongs to this call alone, so storing it is
 	// storing a private copy.
 	f.sessions[id] = s
+	f.remember(ikey, KindSession, id, s.GetCreatedAt())
 	f.notifySession(id)
 	return nil
 }
@@ -305,6 +381,10 @@ func (f *FSM) updateSession(m *statev1.UpdateSession) any {
 
 func (f *FSM) createExecution(m *statev1.CreateExecution) any {
 	e := m.GetExecution()
+	ikey := idempotencyKey(KindExecution, e.GetTenant(), m.GetIdempotencyKey())
+	if r, ok := f.idempotency[ikey]; ok {
+		return Existing{Kind: KindExecution, ID: r.GetId()}
+	}
 	id := e.GetId()
 	if id == "" {
 		return fmt.Errorf("%w: create execution: missing execution id", sandbox.ErrInvalidArgument)
@@ -327,6 +407,7 @@ func (f *FSM) createExecution(m *statev1.CreateExecution) any {
 		f.bySession[sid] = idx
 	}
 	idx[id] = struct{}{}
+	f.remember(ikey, KindExecution, id, e.GetCreatedAt())
 	f.touchSession(sid, e.GetCreatedAt())
 	f.notifyExecution(id)
 	return nil
@@ -377,15 +458,6 @@ func (f *FSM) touchSession(id string, at *timestamppb.Timestamp) {
 	s.LastActiveAt = at
 	f.sessions[id] = s
 	f.notifySession(id)
-}
-
-func (f *FSM) registerAgent(m *statev1.RegisterAgent) any {
-	a := m.GetAgent()
-	if a.GetId() == "" {
-		return fmt.Errorf("%w: register agent: missing agent id", sandbox.ErrInvalidArgument)
-	}
-	f.agents[a.GetId()] = a
-	return nil
 }
 
 // Template returns a copy of the template with the given id.
@@ -505,10 +577,12 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	snap := &statev1.Snapshot{
-		Templates:  make([]*sandboxv1.Template, 0, len(f.templates)),
-		Sessions:   make([]*sandboxv1.Session, 0, len(f.sessions)),
-		Executions: make([]*sandboxv1.Execution, 0, len(f.executions)),
-		Agents:     make([]*statev1.Agent, 0, len(f.agents)),
+		Templates:   make([]*sandboxv1.Template, 0, len(f.templates)),
+		Sessions:    make([]*sandboxv1.Session, 0, len(f.sessions)),
+		Executions:  make([]*sandboxv1.Execution, 0, len(f.executions)),
+		Agents:      make([]*statev1.Agent, 0, len(f.agents)),
+		Servers:     make([]*sandboxv1.Server, 0, len(f.servers)),
+		Idempotency: make([]*statev1.IdempotencyRecord, 0, len(f.idempotency)),
 	}
 	for _, id := range slices.Sorted(maps.Keys(f.templates)) {
 		snap.Templates = append(snap.Templates, f.templates[id])
@@ -522,11 +596,17 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	for _, id := range slices.Sorted(maps.Keys(f.agents)) {
 		snap.Agents = append(snap.Agents, f.agents[id])
 	}
+	for _, id := range slices.Sorted(maps.Keys(f.servers)) {
+		snap.Servers = append(snap.Servers, f.servers[id])
+	}
+	for _, k := range slices.Sorted(maps.Keys(f.idempotency)) {
+		snap.Idempotency = append(snap.Idempotency, f.idempotency[k])
+	}
 	return &fsmSnapshot{snap: snap}, nil
 }
 
 // State returns a copy of the whole state, in the form a snapshot stores it
-// (every list sorted by id).
+// (every list sorted by id; idempotency records by their scoped key).
 func (f *FSM) State() *statev1.Snapshot {
 	s, _ := f.Snapshot()
 	return proto.CloneOf(s.(*fsmSnapshot).snap)
@@ -566,6 +646,13 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	for _, a := range snap.GetAgents() {
 		f.agents[a.GetId()] = a
 	}
+	for _, sv := range snap.GetServers() {
+		f.servers[sv.GetId()] = sv
+	}
+	for _, r := range snap.GetIdempotency() {
+		f.idempotency[r.GetKey()] = r
+		f.idempotencyOf[recordKey(r.GetKind(), r.GetId())] = r.GetKey()
+	}
 
 	f.watchMu.Lock()
 	defer f.watchMu.Unlock()
@@ -579,7 +666,8 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	}
 	f.logger.Info("restored state from snapshot",
 		"templates", len(f.templates), "sessions", len(f.sessions),
-		"executions", len(f.executions), "agents", len(f.agents))
+		"executions", len(f.executions), "agents", len(f.agents),
+		"servers", len(f.servers), "idempotency_keys", len(f.idempotency))
 	return nil
 }
 

@@ -126,13 +126,48 @@ func seeded(t *testing.T) *FSM {
 	return f
 }
 
+// ruleCase is one command applied to a fresh fixture, with what it must do.
+type ruleCase struct {
+	name    string
+	cmd     cmd
+	want    any   // the response of a successful command (nil by default)
+	wantErr error // nil: success; otherwise the state must be unchanged
+	same    bool  // a success that must leave the state unchanged
+	check   func(t *testing.T, f *FSM)
+}
+
+// runRules applies each case's command to its own fixture.
+func runRules(t *testing.T, fixture func(*testing.T) *FSM, tests []ruleCase) {
+	t.Helper()
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := fixture(t)
+			before := f.State()
+			resp := apply(t, f, tc.cmd)
+			if tc.wantErr == nil {
+				if resp != tc.want {
+					t.Fatalf("response = %#v, want %#v", resp, tc.want)
+				}
+			} else {
+				err, ok := resp.(error)
+				if !ok || !errors.Is(err, tc.wantErr) {
+					t.Fatalf("response = %v, want an error wrapping %v", resp, tc.wantErr)
+				}
+			}
+			if tc.wantErr != nil || tc.same {
+				if after := f.State(); !proto.Equal(before, after) {
+					t.Errorf("command changed the state:\nbefore %v\nafter  %v", before, after)
+				}
+			}
+			if tc.check != nil {
+				tc.check(t, f)
+			}
+		})
+	}
+}
+
 func TestApplyRules(t *testing.T) {
-	tests := []struct {
-		name    string
-		cmd     cmd
-		wantErr error // nil: success; otherwise the state must be unchanged
-		check   func(t *testing.T, f *FSM)
-	}{
+	tests := []ruleCase{
 		{
 			name: "put template creates",
 			cmd:  putTemplate("new", false),
@@ -452,29 +487,7 @@ func TestApplyRules(t *testing.T) {
 			wantErr: sandbox.ErrInvalidArgument,
 		},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			f := seeded(t)
-			before := f.State()
-			resp := apply(t, f, tc.cmd)
-			if tc.wantErr == nil {
-				if resp != nil {
-					t.Fatalf("response = %v, want nil", resp)
-				}
-			} else {
-				err, ok := resp.(error)
-				if !ok || !errors.Is(err, tc.wantErr) {
-					t.Fatalf("response = %v, want an error wrapping %v", resp, tc.wantErr)
-				}
-				if after := f.State(); !proto.Equal(before, after) {
-					t.Errorf("refused command changed the state:\nbefore %v\nafter  %v", before, after)
-				}
-			}
-			if tc.check != nil {
-				tc.check(t, f)
-			}
-		})
-	}
+	runRules(t, seeded, tests)
 }
 
 func TestSessionTransitionsFollowDomain(t *testing.T) {
@@ -530,8 +543,10 @@ func TestUnknownType(t *testing.T) {
 		wantPanic bool
 	}{
 		{"ignorable unknown type", append([]byte{byte(IgnoreUnknownTypeFlag | 100)}, payload...), false},
-		{"ignorable unknown type without payload", []byte{byte(IgnoreUnknownTypeFlag | 1)}, false},
+		{"ignorable unknown type without payload", []byte{byte(IgnoreUnknownTypeFlag | 100)}, false},
 		{"unknown type", append([]byte{100}, payload...), true},
+		{"ignorable next type", append([]byte{byte(IgnoreUnknownTypeFlag | (PurgeSessionsType + 1))}, payload...), false},
+		{"next type", append([]byte{byte(PurgeSessionsType + 1)}, payload...), true},
 		{"empty command", nil, true},
 		{"undecodable payload", []byte{byte(RegisterAgentType), 0xff, 0xff, 0xff}, true},
 	}
@@ -660,7 +675,10 @@ func persist(t *testing.T, f *FSM) []byte {
 }
 
 func TestSnapshotRestoreRoundTrip(t *testing.T) {
-	f := seeded(t)
+	f := seededCluster(t)
+	if st := f.State(); len(st.GetServers()) == 0 || len(st.GetIdempotency()) == 0 {
+		t.Fatalf("fixture has no servers or idempotency records: %v", st)
+	}
 	b := persist(t, f)
 
 	// Changes after the snapshot is taken do not reach it.
@@ -682,7 +700,7 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 	if err := g.Restore(io.NopCloser(bytes.NewReader(b))); err != nil {
 		t.Fatalf("Restore: %v", err)
 	}
-	h := seeded(t)
+	h := seededCluster(t)
 	if !proto.Equal(g.State(), h.State()) {
 		t.Errorf("restored state differs:\ngot  %v\nwant %v", g.State(), h.State())
 	}
@@ -699,6 +717,20 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 	mustApply(t, g, createExecution("e9", "run", 81))
 	if got := len(g.ExecutionsBySession("run")); got != 4 {
 		t.Errorf("ExecutionsBySession(run) after restore and create has %d, want 4", got)
+	}
+	// Idempotency keys and servers came back, with their indexes.
+	if resp := apply(t, g, createSessionKey("ks-retry", "t1", "k1", 82)); resp != (Existing{KindSession, "ks"}) {
+		t.Errorf("idempotent create after restore = %#v, want Existing ks", resp)
+	}
+	if sv, ok := g.Server("srv1"); !ok || sv.GetRole() != sandboxv1.ServerRole_SERVER_ROLE_UNSPECIFIED || sv.GetApiAddress() == "" {
+		t.Errorf("restored Server(srv1) = %v, %v", sv, ok)
+	}
+	keys := len(g.State().GetIdempotency())
+	if resp := apply(t, g, purge("ended")); resp != (Purged{Sessions: 1, Executions: 2}) {
+		t.Errorf("purge after restore = %#v", resp)
+	}
+	if got := len(g.State().GetIdempotency()); got != keys-2 {
+		t.Errorf("purge after restore left %d idempotency records, want %d", got, keys-2)
 	}
 
 	if err := New(nil).Restore(io.NopCloser(bytes.NewReader([]byte{0xff, 0xff}))); err == nil {
@@ -867,6 +899,8 @@ func TestConcurrentReadsDuringApply(t *testing.T) {
 				f.ExecutionsBySession("run")
 				f.Templates()
 				f.Agents()
+				f.Servers()
+				f.IdempotentID(KindSession, "t1", "k1")
 				if _, err := f.Snapshot(); err != nil {
 					t.Error(err)
 					return
@@ -882,5 +916,21 @@ func TestConcurrentReadsDuringApply(t *testing.T) {
 	wg.Wait()
 	if got := len(f.ExecutionsBySession("run")); got != 203 {
 		t.Errorf("ExecutionsBySession(run) has %d, want 203", got)
+	}
+}
+
+// A known type carrying the ignore flag is applied: the flag only tells
+// servers that do not know the type that they may skip it.
+func TestKnownTypeWithIgnoreFlagApplies(t *testing.T) {
+	payload, err := proto.Marshal(&statev1.RegisterAgent{Agent: &statev1.Agent{Id: "flagged"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := seeded(t)
+	if resp := f.Apply(&raft.Log{Index: 7, Data: append([]byte{byte(IgnoreUnknownTypeFlag | RegisterAgentType)}, payload...)}); resp != nil {
+		t.Fatalf("response %v", resp)
+	}
+	if _, ok := f.Agent("flagged"); !ok {
+		t.Fatal("the flagged known command was not applied")
 	}
 }
