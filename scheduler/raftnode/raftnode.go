@@ -88,6 +88,9 @@ type Node struct {
 	store     *raftboltdb.BoltStore
 	transport raft.Transport
 
+	// hadState records whether DataDir held Raft state when the node started.
+	hadState bool
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -160,11 +163,12 @@ func New(cfg Config, f raft.FSM) (*Node, error) {
 		n.transport = t
 	}
 
+	existing, err := raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		return nil, fmt.Errorf("raft %q: check existing state: %w", cfg.ID, err)
+	}
+	n.hadState = existing
 	if cfg.Bootstrap {
-		existing, err := raft.HasExistingState(store, store, snaps)
-		if err != nil {
-			return nil, fmt.Errorf("raft %q: check existing state: %w", cfg.ID, err)
-		}
 		if !existing {
 			conf := raft.Configuration{Servers: []raft.Server{{
 				Suffrage: raft.Voter,
