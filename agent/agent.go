@@ -8,6 +8,10 @@
 // (agent/artifacts) and a small bbolt file of which container serves which
 // session (agent/state).
 //
+// A restarted agent (after a crash or kill -9) takes back the sessions whose
+// containers still run (see recover.go); a stopped agent destroys its
+// containers. Servers' commands are fenced by Raft term (see fence.go).
+//
 // Files under DataDir:
 //
 //	agent.db                     bbolt, see package agent/state
@@ -60,7 +64,8 @@ type Config struct {
 	ListenAddr string
 	// AdvertiseAddr is the host:port servers use to reach this agent; ListenAddr when empty.
 	AdvertiseAddr string
-	// ServerURL is the base URL of a scheduler's internal ControlPlaneService.
+	// ServerURL is the base URL of a scheduler's internal ControlPlaneService,
+	// or several, comma-separated: the agent fails over between them.
 	ServerURL string
 	// ClusterToken authenticates servers to the agent and the agent to servers.
 	ClusterToken string
@@ -118,11 +123,14 @@ func hostMemoryMiB() int64 {
 
 // Timings of the agent; fields of Agent so tests can shorten them.
 const (
-	defaultHealthTimeout    = 30 * time.Second
-	defaultHealthInterval   = 5 * time.Millisecond
-	defaultRelayAttempts    = 3
-	defaultRelayBackoff     = 100 * time.Millisecond
-	defaultRegisterInterval = 10 * time.Second
+	defaultHealthTimeout = 30 * time.Second
+	// defaultAdoptHealthTimeout bounds the health check of a container to
+	// re-adopt: its executor was already up, so it answers at once or never.
+	defaultAdoptHealthTimeout = 5 * time.Second
+	defaultHealthInterval     = 5 * time.Millisecond
+	defaultRelayAttempts      = 3
+	defaultRelayBackoff       = 100 * time.Millisecond
+	defaultRegisterInterval   = 10 * time.Second
 	// destroyTimeout bounds one Runtime.Destroy during cleanup.
 	destroyTimeout = 30 * time.Second
 	// maxRequestBytes bounds one AgentService request (code is at most 1 MiB, env 64 KiB).
@@ -143,11 +151,12 @@ type Agent struct {
 	handler    http.Handler
 	socketsDir string
 
-	healthTimeout    time.Duration
-	healthInterval   time.Duration
-	relayAttempts    int
-	relayBackoff     time.Duration
-	registerInterval time.Duration
+	healthTimeout      time.Duration
+	adoptHealthTimeout time.Duration
+	healthInterval     time.Duration
+	relayAttempts      int
+	relayBackoff       time.Duration
+	registerInterval   time.Duration
 
 	// baseCtx is the parent of every session's context; cancel ends them all.
 	baseCtx context.Context
@@ -158,6 +167,10 @@ type Agent struct {
 	mu       sync.Mutex
 	sessions map[string]*session
 	closed   bool
+
+	// fenceMu orders fence checks; fenceTerm is the highest term seen, as in agent.db.
+	fenceMu   sync.Mutex
+	fenceTerm uint64
 
 	ran      atomic.Bool
 	shutOnce sync.Once
@@ -213,33 +226,44 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	term, err := db.FenceTerm()
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("agent %s: %w", cfg.ID, err)
+	}
+	m.fenceTerm.Set(float64(term))
 
 	cpTransport := http.DefaultTransport.(*http.Transport).Clone()
 	cpTransport.MaxIdleConnsPerHost = 16
 	a := &Agent{
-		cfg:              cfg,
-		log:              cfg.Logger.With("agent", cfg.ID),
-		rt:               cfg.Runtime,
-		store:            store,
-		db:               db,
-		metrics:          m,
-		socketsDir:       socketsDir,
-		healthTimeout:    defaultHealthTimeout,
-		healthInterval:   defaultHealthInterval,
-		relayAttempts:    defaultRelayAttempts,
-		relayBackoff:     defaultRelayBackoff,
-		registerInterval: defaultRegisterInterval,
-		sessions:         map[string]*session{},
+		cfg:                cfg,
+		log:                cfg.Logger.With("agent", cfg.ID),
+		rt:                 cfg.Runtime,
+		store:              store,
+		db:                 db,
+		metrics:            m,
+		socketsDir:         socketsDir,
+		healthTimeout:      defaultHealthTimeout,
+		adoptHealthTimeout: defaultAdoptHealthTimeout,
+		healthInterval:     defaultHealthInterval,
+		relayAttempts:      defaultRelayAttempts,
+		relayBackoff:       defaultRelayBackoff,
+		registerInterval:   defaultRegisterInterval,
+		sessions:           map[string]*session{},
+		fenceTerm:          term,
 	}
-	a.cp = agentv1connect.NewControlPlaneServiceClient(&http.Client{Transport: cpTransport}, strings.TrimRight(cfg.ServerURL, "/"),
-		api.WithBearer(cfg.ClusterToken))
+	cpClient := &http.Client{Transport: cpTransport}
+	a.cp = newFailoverCP(cfg.ServerURL, func(url string) agentv1connect.ControlPlaneServiceClient {
+		return agentv1connect.NewControlPlaneServiceClient(cpClient, url, api.WithBearer(cfg.ClusterToken))
+	})
 	a.baseCtx, a.cancel = context.WithCancel(context.Background())
 
 	mux := http.NewServeMux()
 	clusterKeys := &api.Keys{}
 	clusterKeys.Add("cluster", cfg.ClusterToken)
 	path, h := agentv1connect.NewAgentServiceHandler(&service{a: a},
-		connect.WithInterceptors(api.NewAuthInterceptor(clusterKeys)),
+		// Auth first: only an authenticated server may raise the fence term.
+		connect.WithInterceptors(api.NewAuthInterceptor(clusterKeys), a.fenceInterceptor()),
 		connect.WithReadMaxBytes(maxRequestBytes))
 	mux.Handle(path, h)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{Registry: cfg.Registry}))
@@ -250,16 +274,17 @@ func New(cfg Config) (*Agent, error) {
 // Handler serves the AgentService and /metrics; Run serves it on ListenAddr.
 func (a *Agent) Handler() http.Handler { return a.handler }
 
-// Run destroys whatever a previous run of this agent left, serves the
-// internal API on ListenAddr, registers with the servers (again every 10s),
-// and when ctx is done stops every container it started and returns.
+// Run re-adopts the sessions a previous run of this agent left running and
+// destroys everything else it left, then serves the internal API on
+// ListenAddr, registers with the servers (again every 10s), and when ctx is
+// done stops every container it holds and returns.
 func (a *Agent) Run(ctx context.Context) error {
 	if !a.ran.CompareAndSwap(false, true) {
 		return errors.New("agent: Run called twice")
 	}
 	defer a.shutdown()
 
-	if err := a.cleanupStale(ctx); err != nil {
+	if err := a.recoverSessions(ctx); err != nil {
 		return err
 	}
 	ln, err := net.Listen("tcp", a.cfg.ListenAddr)
@@ -337,57 +362,4 @@ func (a *Agent) shutdown() {
 		}
 		a.log.Info("agent stopped")
 	})
-}
-
-// cleanupStale destroys every container labelled with this agent's id (and
-// every container agent.db remembers), forgets the recorded sessions and
-// removes stale socket directories. Until re-adoption exists, nothing a
-// previous run started may keep running or run twice.
-func (a *Agent) cleanupStale(ctx context.Context) error {
-	recs, err := a.db.Sessions()
-	if err != nil {
-		return err
-	}
-	list, err := a.rt.List(ctx, map[string]string{runtime.LabelAgent: a.cfg.ID})
-	if err != nil {
-		return fmt.Errorf("agent %s: list containers at start-up: %w", a.cfg.ID, err)
-	}
-	ids := map[string]bool{}
-	for _, st := range list {
-		ids[st.ID] = true
-	}
-	for _, r := range recs {
-		if r.ContainerID != "" {
-			ids[r.ContainerID] = true
-		}
-	}
-	var errs []error
-	for id := range ids {
-		dctx, cancel := context.WithTimeout(ctx, destroyTimeout)
-		err := a.rt.Destroy(dctx, id)
-		cancel()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("destroy stale container %s: %w", id, err))
-			continue
-		}
-		a.log.Info("destroyed container left by a previous run", "container", id)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("agent %s: start-up cleanup: %w", a.cfg.ID, err)
-	}
-	for _, r := range recs {
-		if err := a.db.DeleteSession(r.SessionID); err != nil {
-			return err
-		}
-	}
-	entries, err := os.ReadDir(a.socketsDir)
-	if err != nil {
-		return fmt.Errorf("agent %s: read %s: %w", a.cfg.ID, a.socketsDir, err)
-	}
-	for _, e := range entries {
-		if err := os.RemoveAll(filepath.Join(a.socketsDir, e.Name())); err != nil {
-			return fmt.Errorf("agent %s: remove stale socket dir: %w", a.cfg.ID, err)
-		}
-	}
-	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -49,6 +50,7 @@ type fakeContainer struct {
 	exec   *fakeExecutor
 	exitCh chan runtime.ExitResult
 	exited bool
+	code   int
 }
 
 func newFakeRuntime(t *testing.T) *fakeRuntime {
@@ -74,7 +76,7 @@ func (f *fakeRuntime) Start(_ context.Context, spec runtime.Spec) (runtime.Statu
 	}
 	f.containers[spec.ID] = c
 	if f.exitOnStart {
-		c.exited = true
+		c.exited, c.code = true, 2
 		c.exitCh <- runtime.ExitResult{ExitCode: 2}
 	}
 	return runtime.Status{ID: spec.ID, Labels: spec.Labels, Running: true}, nil
@@ -90,6 +92,16 @@ func (f *fakeRuntime) Wait(_ context.Context, id string) (<-chan runtime.ExitRes
 	return c.exitCh, nil
 }
 
+// mute stops a container's executor from answering while the container
+// keeps running, as a hung executor would.
+func (f *fakeRuntime) mute(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if c, ok := f.containers[id]; ok && c.exec != nil {
+		c.exec.close()
+	}
+}
+
 // exit ends a container with code, as if its executor died.
 func (f *fakeRuntime) exit(id string, code int) {
 	f.mu.Lock()
@@ -101,7 +113,7 @@ func (f *fakeRuntime) exit(id string, code int) {
 	if c.exec != nil {
 		c.exec.close()
 	}
-	c.exited = true
+	c.exited, c.code = true, code
 	c.exitCh <- runtime.ExitResult{ExitCode: code}
 }
 
@@ -126,7 +138,7 @@ func (f *fakeRuntime) Inspect(_ context.Context, id string) (runtime.Status, err
 	if !ok {
 		return runtime.Status{}, runtime.ErrNotFound
 	}
-	return runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited}, nil
+	return runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited, ExitCode: c.code}, nil
 }
 
 func (f *fakeRuntime) List(_ context.Context, match map[string]string) ([]runtime.Status, error) {
@@ -140,7 +152,7 @@ next:
 				continue next
 			}
 		}
-		out = append(out, runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited})
+		out = append(out, runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited, ExitCode: c.code})
 	}
 	return out, nil
 }
@@ -172,9 +184,14 @@ type fakeExecutor struct {
 	callbacks *http.Client
 	wg        sync.WaitGroup
 
+	// release lets executions with code "hold" report; closed by releaseHeld or close.
+	release     chan struct{}
+	releaseOnce sync.Once
+
 	mu       sync.Mutex
 	init     *executorapi.InitRequest
 	executed []executorapi.ExecuteRequest
+	canceled []string
 	// outcomes receives the agent's answer to every callback.
 	outcomes chan callbackOutcome
 }
@@ -193,6 +210,7 @@ func startFakeExecutor(socketDir string) (*fakeExecutor, error) {
 		socketDir: socketDir,
 		callbacks: unixClient(filepath.Join(socketDir, executorapi.AgentSocket)),
 		outcomes:  make(chan callbackOutcome, 64),
+		release:   make(chan struct{}),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
@@ -237,6 +255,9 @@ func startFakeExecutor(socketDir string) (*fakeExecutor, error) {
 		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
+			if req.Code == "hold" {
+				<-e.release
+			}
 			e.run(req, token)
 		}()
 	})
@@ -245,6 +266,9 @@ func startFakeExecutor(socketDir string) (*fakeExecutor, error) {
 			writeError(w, http.StatusUnauthorized, "bad token")
 			return
 		}
+		e.mu.Lock()
+		e.canceled = append(e.canceled, r.PathValue("id"))
+		e.mu.Unlock()
 		writeError(w, http.StatusNotFound, "execution "+r.PathValue("id")+" is unknown or finished")
 	})
 	e.srv = &http.Server{Handler: mux}
@@ -297,8 +321,22 @@ func (e *fakeExecutor) call(kind, method, path, token string, body []byte, hdr h
 	e.outcomes <- callbackOutcome{kind: kind, status: status}
 }
 
+// releaseHeld lets the held executions report.
+func (e *fakeExecutor) releaseHeld() { e.releaseOnce.Do(func() { close(e.release) }) }
+
+// calls returns the executions and cancels the executor received.
+func (e *fakeExecutor) calls() (executed []string, canceled []string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, x := range e.executed {
+		executed = append(executed, x.ExecutionID)
+	}
+	return executed, slices.Clone(e.canceled)
+}
+
 func (e *fakeExecutor) close() {
 	e.srv.Close()
+	e.releaseHeld()
 	e.wg.Wait()
 	e.callbacks.CloseIdleConnections()
 }
@@ -420,6 +458,7 @@ type testAgent struct {
 	*Agent
 	rt       *fakeRuntime
 	cp       *fakeControlPlane
+	cpURL    string
 	client   agentv1connect.AgentServiceClient
 	url      string
 	http     *http.Client
@@ -439,6 +478,13 @@ func newTestAgent(t *testing.T) *testAgent {
 	t.Cleanup(func() { os.RemoveAll(dataDir) })
 	rt := newFakeRuntime(t)
 	cp, cpURL := newFakeControlPlane(t, testClusterToken)
+	return newTestAgentOn(t, dataDir, rt, cp, cpURL)
+}
+
+// newTestAgentOn builds an agent on an existing data directory, runtime and
+// control plane: the same host after a restart.
+func newTestAgentOn(t *testing.T, dataDir string, rt *fakeRuntime, cp *fakeControlPlane, cpURL string) *testAgent {
+	t.Helper()
 	cfg := DefaultConfig()
 	cfg.ID = "agent-1"
 	cfg.DataDir = dataDir
@@ -452,6 +498,7 @@ func newTestAgent(t *testing.T) *testAgent {
 		t.Fatal(err)
 	}
 	a.healthTimeout = 5 * time.Second
+	a.adoptHealthTimeout = time.Second
 	a.relayBackoff = time.Millisecond
 	a.registerInterval = 50 * time.Millisecond
 	srv := httptest.NewServer(a.Handler())
@@ -461,6 +508,7 @@ func newTestAgent(t *testing.T) *testAgent {
 		Agent:    a,
 		rt:       rt,
 		cp:       cp,
+		cpURL:    cpURL,
 		client:   agentv1connect.NewAgentServiceClient(srv.Client(), srv.URL, api.WithBearer(testClusterToken)),
 		url:      srv.URL,
 		http:     srv.Client(),
@@ -478,5 +526,77 @@ func eventually(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// crash ends the agent as kill -9 would: no container is stopped, no record
+// is deleted and the callback sockets stay on disk, stale. Its goroutines
+// end and agent.db is closed, so that a new agent can open it.
+func (ta *testAgent) crash(t *testing.T) {
+	t.Helper()
+	a := ta.Agent
+	var dirs []string
+	a.shutOnce.Do(func() {
+		a.mu.Lock()
+		a.closed = true
+		var servers []*http.Server
+		for _, s := range a.sessions {
+			dirs = append(dirs, s.dir)
+			if s.callback != nil {
+				servers = append(servers, s.callback)
+			}
+		}
+		a.mu.Unlock()
+		for _, srv := range servers {
+			srv.Close()
+		}
+		a.cancel()
+		a.wg.Wait()
+		if err := a.db.Close(); err != nil {
+			t.Errorf("close agent.db: %v", err)
+		}
+	})
+	// Closing the listeners removed the socket files; a killed process leaves them.
+	for _, dir := range dirs {
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(dir, executorapi.AgentSocket), Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.SetUnlinkOnClose(false)
+		l.Close()
+	}
+}
+
+// restart crashes the agent and builds a new one on the same host; call run
+// on it to start it.
+func (ta *testAgent) restart(t *testing.T) *testAgent {
+	t.Helper()
+	ta.crash(t)
+	return newTestAgentOn(t, ta.dataDir, ta.rt, ta.cp, ta.cpURL)
+}
+
+// run runs the agent until the test ends and returns once it registered,
+// which it does after its start-up recovery.
+func (ta *testAgent) run(t *testing.T) {
+	t.Helper()
+	for len(ta.cp.registers) > 0 {
+		<-ta.cp.registers
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- ta.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	})
+	select {
+	case <-ta.cp.registers:
+	case err := <-done:
+		done <- err
+		t.Fatalf("Run ended before registering: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("agent did not register")
 	}
 }

@@ -11,6 +11,9 @@ type metrics struct {
 	startSeconds prometheus.Histogram
 	sessions     prometheus.Gauge
 	callbacks    *prometheus.CounterVec
+	fenced       prometheus.Counter
+	fenceTerm    prometheus.Gauge
+	recovered    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -28,8 +31,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "sandbox_agent_callbacks_total",
 			Help: "Executor callbacks received, by kind (status, heartbeat, artifact, result, unknown) and HTTP status code.",
 		}, []string{"kind", "code"}),
+		fenced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sandbox_agent_fenced_commands_total",
+			Help: "Commands refused because they came from a lower Raft term than the agent has seen (a deposed leader).",
+		}),
+		fenceTerm: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sandbox_agent_fence_term",
+			Help: "Highest Raft term the agent has seen on a server's command.",
+		}),
+		recovered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sandbox_agent_startup_decisions_total",
+			Help: "What the agent did at start-up with what a previous run left, by decision (adopted, destroyed, dropped).",
+		}, []string{"decision"}),
 	}
-	for _, c := range []prometheus.Collector{m.startSeconds, m.sessions, m.callbacks} {
+	for _, c := range []prometheus.Collector{m.startSeconds, m.sessions, m.callbacks, m.fenced, m.fenceTerm, m.recovered} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) {

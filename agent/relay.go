@@ -174,6 +174,10 @@ func (a *Agent) handleArtifact(w http.ResponseWriter, r *http.Request, s *sessio
 func (a *Agent) handleResult(w http.ResponseWriter, r *http.Request, s *session, id string) {
 	var res executorapi.Result
 	if err := decodeBody(w, r, maxResultBodyBytes, &res, false); err != nil {
+		if statusOf(err) < 500 {
+			// The executor does not retry a 4xx: no result will come.
+			a.settle(s, id)
+		}
 		writeError(w, statusOf(err), err.Error())
 		return
 	}
@@ -245,11 +249,20 @@ func resultState(s string) (sandboxv1.ExecutionState, bool) {
 // committed, 503/502 when it should retry, 4xx when retrying cannot help.
 func (a *Agent) relay(w http.ResponseWriter, r *http.Request, s *session, req *agentv1.ReportExecutionRequest, attempts int) {
 	err := a.reportExecution(r.Context(), req, attempts)
+	status := http.StatusOK
+	if err != nil {
+		status = relayStatus(err)
+	}
+	if req.Kind == agentv1.ReportKind_REPORT_KIND_RESULT && status < 500 {
+		// Committed, or refused for good (the executor does not retry a
+		// 4xx): either way this result will not come again. Settled before
+		// the executor hears back, so ListContainers never lists it after.
+		a.settle(s, req.ExecutionId)
+	}
 	if err == nil {
 		writeJSON(w, http.StatusOK, struct{}{})
 		return
 	}
-	status := relayStatus(err)
 	a.log.Warn("relay executor report", "session", s.id, "execution", req.ExecutionId, "kind", req.Kind.String(), "status", status, "err", err)
 	writeError(w, status, fmt.Sprintf("relay to the servers failed: %v", err))
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/sandboxhq/sandbox"
 	"github.com/sandboxhq/sandbox/agent/artifacts"
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/agent/state"
 	"github.com/sandboxhq/sandbox/api"
 	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
@@ -149,17 +150,57 @@ func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
 	if err != nil {
 		return err
 	}
-	// Recorded before the executor hears of it: its callbacks may come first.
+	id := m.GetExecutionId()
+	// Recorded (durably) before the executor hears of it: its callbacks may
+	// come first, and a restarted agent must still accept them.
 	a.mu.Lock()
-	s.executions[m.GetExecutionId()] = struct{}{}
+	_, wasPending := s.pending[id]
+	s.pending[id] = struct{}{}
 	a.mu.Unlock()
-	return s.exec.execute(ctx, executorapi.ExecuteRequest{
-		ExecutionID:    m.GetExecutionId(),
+	if !wasPending {
+		if err := a.db.AddPending(s.id, id); err != nil {
+			a.mu.Lock()
+			delete(s.pending, id)
+			a.mu.Unlock()
+			if errors.Is(err, state.ErrNotFound) {
+				return fmt.Errorf("%w: session %s is not running on agent %s", sandbox.ErrNotFound, s.id, a.cfg.ID)
+			}
+			return fmt.Errorf("%w: execution %s of session %s: %v", sandbox.ErrUnavailable, id, s.id, err)
+		}
+	}
+	a.mu.Lock()
+	s.executions[id] = struct{}{}
+	a.mu.Unlock()
+	err = s.exec.execute(ctx, executorapi.ExecuteRequest{
+		ExecutionID:    id,
 		Language:       m.GetLanguage(),
 		Code:           m.GetCode(),
 		TimeoutSeconds: int(m.GetTimeoutSeconds()),
 		Env:            m.GetEnv(),
 	})
+	// An executor that answered no did not take the execution; when the
+	// call failed otherwise it may have, so it stays pending. A retried
+	// Execute of a pending id is refused as a duplicate and must not settle
+	// the one that runs.
+	if _, refused := isExecutorError(err); refused && !wasPending {
+		a.settle(s, id)
+	}
+	return err
+}
+
+// settle forgets a pending execution: its result was relayed, or will never
+// come through the agent.
+func (a *Agent) settle(s *session, executionID string) {
+	a.mu.Lock()
+	_, ok := s.pending[executionID]
+	delete(s.pending, executionID)
+	a.mu.Unlock()
+	if !ok {
+		return
+	}
+	if err := a.db.RemovePending(s.id, executionID); err != nil {
+		a.log.Error("forget pending execution", "session", s.id, "execution", executionID, "err", err)
+	}
 }
 
 // listContainers joins the runtime's containers of this agent with the
@@ -171,25 +212,34 @@ func (a *Agent) listContainers(ctx context.Context) ([]*agentv1.Container, error
 	if err != nil {
 		return nil, fmt.Errorf("%w: list containers of agent %s: %v", sandbox.ErrUnavailable, a.cfg.ID, err)
 	}
+	type held struct {
+		sessionID string
+		pending   []string
+	}
 	a.mu.Lock()
-	byContainer := make(map[string]string, len(a.sessions))
+	byContainer := make(map[string]held, len(a.sessions))
 	for id, s := range a.sessions {
-		byContainer[s.containerID] = id
+		h := held{sessionID: id}
+		for e := range s.pending {
+			h.pending = append(h.pending, e)
+		}
+		sort.Strings(h.pending)
+		byContainer[s.containerID] = h
 	}
 	a.mu.Unlock()
 
 	out := make([]*agentv1.Container, 0, len(list))
 	for _, st := range list {
-		sid, ok := byContainer[st.ID]
+		h, ok := byContainer[st.ID]
 		if ok {
 			delete(byContainer, st.ID)
 		} else {
-			sid = st.Labels[runtime.LabelSession]
+			h.sessionID = st.Labels[runtime.LabelSession]
 		}
-		out = append(out, &agentv1.Container{ContainerId: st.ID, SessionId: sid, Running: st.Running})
+		out = append(out, &agentv1.Container{ContainerId: st.ID, SessionId: h.sessionID, Running: st.Running, PendingExecutionIds: h.pending})
 	}
-	for cid, sid := range byContainer {
-		out = append(out, &agentv1.Container{ContainerId: cid, SessionId: sid, Running: false})
+	for cid, h := range byContainer {
+		out = append(out, &agentv1.Container{ContainerId: cid, SessionId: h.sessionID, Running: false, PendingExecutionIds: h.pending})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ContainerId < out[j].ContainerId })
 	return out, nil

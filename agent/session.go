@@ -48,6 +48,7 @@ type session struct {
 	image       string
 	token       string
 	dir         string
+	limits      sandbox.Limits
 	auth        bearerMatcher
 	exec        *executorClient
 
@@ -67,7 +68,34 @@ type session struct {
 	started       bool // Runtime.Start succeeded; Destroy is due
 	stopRequested bool
 	cancelStart   context.CancelFunc
-	executions    map[string]struct{}
+	// executions are the ids handed to this session's executor (its
+	// callbacks are accepted for them); pending are those whose result has
+	// not been relayed yet, mirrored in agent.db.
+	executions map[string]struct{}
+	pending    map[string]struct{}
+}
+
+// newSession builds the agent's view of a session's container; the caller
+// sets state and started.
+func (a *Agent) newSession(id, containerID, templateID, image, token, dir string, limits sandbox.Limits) *session {
+	sctx, scancel := context.WithCancel(a.baseCtx)
+	return &session{
+		id:          id,
+		containerID: containerID,
+		templateID:  templateID,
+		image:       image,
+		token:       token,
+		dir:         dir,
+		limits:      limits,
+		auth:        newBearerMatcher(token),
+		exec:        newExecutorClient(id, filepath.Join(dir, executorapi.ExecutorSocket), token),
+		ctx:         sctx,
+		cancel:      scancel,
+		exited:      make(chan struct{}),
+		done:        make(chan struct{}),
+		executions:  map[string]struct{}{},
+		pending:     map[string]struct{}{},
+	}
 }
 
 // startParams is a validated StartSession request.
@@ -135,26 +163,11 @@ func (a *Agent) startSession(ctx context.Context, p startParams) (string, error)
 		}
 		return "", fmt.Errorf("%w: session %s already has container %s on agent %s", sandbox.ErrAlreadyExists, p.SessionID, s.containerID, a.cfg.ID)
 	}
-	sctx, scancel := context.WithCancel(a.baseCtx)
 	launchCtx, cancelLaunch := context.WithCancel(ctx)
 	defer cancelLaunch()
-	s := &session{
-		id:          p.SessionID,
-		containerID: containerID,
-		templateID:  p.TemplateID,
-		image:       p.Image,
-		token:       p.Token,
-		dir:         dir,
-		auth:        newBearerMatcher(p.Token),
-		exec:        newExecutorClient(p.SessionID, filepath.Join(dir, executorapi.ExecutorSocket), p.Token),
-		ctx:         sctx,
-		cancel:      scancel,
-		exited:      make(chan struct{}),
-		done:        make(chan struct{}),
-		state:       sessionStarting,
-		cancelStart: cancelLaunch,
-		executions:  map[string]struct{}{},
-	}
+	s := a.newSession(p.SessionID, containerID, p.TemplateID, p.Image, p.Token, dir, p.Limits)
+	s.state = sessionStarting
+	s.cancelStart = cancelLaunch
 	a.sessions[p.SessionID] = s
 	a.metrics.sessions.Set(float64(len(a.sessions)))
 	a.mu.Unlock()
@@ -244,7 +257,7 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 	a.wg.Add(1)
 	go a.watch(s, exitCh)
 
-	if err := a.waitHealthy(ctx, s); err != nil {
+	if _, err := a.waitHealthy(ctx, s, a.healthTimeout); err != nil {
 		return err
 	}
 	a.metrics.startSeconds.Observe(time.Since(begin).Seconds())
@@ -252,7 +265,24 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 	if err := s.exec.init(ctx, executorapi.InitRequest{SessionID: s.id, Token: s.token, Env: p.Env}); err != nil {
 		return fmt.Errorf("init executor: %w", err)
 	}
-	rec := state.Session{SessionID: s.id, ContainerID: s.containerID, TemplateID: s.templateID, Image: s.image, Token: s.token, CreatedAt: time.Now().UTC()}
+	// Written last: a container without a record is destroyed at the next
+	// start-up, so a crash before this line leaves nothing behind.
+	rec := state.Session{
+		SessionID:   s.id,
+		ContainerID: s.containerID,
+		TemplateID:  s.templateID,
+		Image:       s.image,
+		Token:       s.token,
+		SocketDir:   s.dir,
+		Limits: state.Limits{
+			CPUMillis:                  p.Limits.CPUMillis,
+			MemoryMiB:                  p.Limits.MemoryMiB,
+			Pids:                       p.Limits.Pids,
+			DiskMiB:                    p.Limits.DiskMiB,
+			MaxExecutionTimeoutSeconds: p.Limits.MaxExecutionTimeoutSeconds,
+		},
+		CreatedAt: time.Now().UTC(),
+	}
 	if err := a.db.PutSession(rec); err != nil {
 		return err
 	}
@@ -260,10 +290,10 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 }
 
 // waitHealthy polls the executor's /health until it answers ok, the container
-// exits, or healthTimeout passes. The socket appears asynchronously, so a
-// short poll interval keeps session start fast.
-func (a *Agent) waitHealthy(ctx context.Context, s *session) error {
-	ctx, cancel := context.WithTimeout(ctx, a.healthTimeout)
+// exits, or timeout passes. The socket appears asynchronously, so a short
+// poll interval keeps session start fast.
+func (a *Agent) waitHealthy(ctx context.Context, s *session, timeout time.Duration) (executorapi.Health, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	tick := time.NewTicker(a.healthInterval)
 	defer tick.Stop()
@@ -274,7 +304,7 @@ func (a *Agent) waitHealthy(ctx context.Context, s *session) error {
 			h, err := s.exec.health(actx)
 			acancel()
 			if err == nil && h.Status == "ok" {
-				return nil
+				return h, nil
 			}
 			if err == nil {
 				err = fmt.Errorf("status %q", h.Status)
@@ -286,11 +316,11 @@ func (a *Agent) waitHealthy(ctx context.Context, s *session) error {
 		select {
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("%w: executor of session %s not healthy after %s: %v", sandbox.ErrUnavailable, s.id, a.healthTimeout, last)
+				return executorapi.Health{}, fmt.Errorf("%w: executor of session %s not healthy after %s: %v", sandbox.ErrUnavailable, s.id, timeout, last)
 			}
-			return fmt.Errorf("waiting for executor of session %s: %w", s.id, ctx.Err())
+			return executorapi.Health{}, fmt.Errorf("waiting for executor of session %s: %w", s.id, ctx.Err())
 		case <-s.exited:
-			return fmt.Errorf("container %s of session %s exited before its executor was healthy: %s", s.containerID, s.id, exitReason(s.exit))
+			return executorapi.Health{}, fmt.Errorf("container %s of session %s exited before its executor was healthy: %s", s.containerID, s.id, exitReason(s.exit))
 		case <-tick.C:
 		}
 	}
@@ -331,8 +361,14 @@ func (a *Agent) watch(s *session, exitCh <-chan runtime.ExitResult) {
 		log.Error("destroy exited container", "err", err)
 	}
 	a.release(s)
-	if err := a.reportSessionExit(a.baseCtx, s.id, reason); err != nil {
-		log.Error("report session exit", "err", err)
+	a.reportExit(s.id, reason)
+}
+
+// reportExit tells the servers a session's container is gone, logging a
+// failure: the servers also learn it from ListContainers.
+func (a *Agent) reportExit(sessionID, reason string) {
+	if err := a.reportSessionExit(a.baseCtx, sessionID, reason); err != nil {
+		a.log.Error("report session exit", "session", sessionID, "reason", reason, "err", err)
 	}
 }
 
