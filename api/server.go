@@ -19,7 +19,9 @@ const MaxRequestBytes = 4 << 20
 
 // Config wires the public API handler.
 type Config struct {
-	Backend  Backend
+	Backend Backend
+	// Cluster serves ClusterService.
+	Cluster  ClusterBackend
 	Keys     *Keys
 	Logger   *slog.Logger
 	Registry *prometheus.Registry
@@ -30,6 +32,7 @@ var services = []string{
 	sandboxv1connect.SessionServiceName,
 	sandboxv1connect.ExecutionServiceName,
 	sandboxv1connect.TemplateServiceName,
+	sandboxv1connect.ClusterServiceName,
 }
 
 // NewHandler returns the mux of the public port: the sandbox.v1 services over
@@ -45,6 +48,7 @@ func NewHandler(cfg Config) http.Handler {
 	mux.Handle(sandboxv1connect.NewSessionServiceHandler(h, opts...))
 	mux.Handle(sandboxv1connect.NewExecutionServiceHandler(h, opts...))
 	mux.Handle(sandboxv1connect.NewTemplateServiceHandler(h, opts...))
+	mux.Handle(sandboxv1connect.NewClusterServiceHandler(&clusterHandlers{b: cfg.Cluster, logger: cfg.Logger}, opts...))
 	reflector := grpcreflect.NewStaticReflector(services...)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))

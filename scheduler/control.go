@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/sandboxhq/sandbox"
@@ -72,17 +71,18 @@ func (s *Scheduler) registerAgent(ctx context.Context, req *agentv1.RegisterAgen
 		}
 		s.log.Info("agent registered", "agent", a.GetId(), "address", a.GetAddress(), "boot", a.GetBootId())
 	}
-	if known && prev.GetBootId() != a.GetBootId() {
-		// A restarted agent destroyed what it ran (re-adoption comes with the
-		// cluster work); record that honestly rather than leave sessions that
-		// no container backs.
-		if err := s.loseAgentSessions(ctx, a.GetId(), "agent "+a.GetId()+" restarted"); err != nil {
-			return err
-		}
-	}
 	s.mu.Lock()
 	s.agentSeen[a.GetId()] = time.Now()
 	s.mu.Unlock()
+	if known && prev.GetBootId() != a.GetBootId() {
+		// A restarted agent re-adopted what still runs: compare it with the
+		// replicated state now, so sessions whose container is gone end LOST
+		// and nothing the agent runs is left without an owner.
+		cur, _ := s.fsm.Agent(a.GetId())
+		if err := s.reconcileAgent(ctx, cur); err != nil {
+			s.log.Warn("reconcile restarted agent", "agent", a.GetId(), "err", err)
+		}
+	}
 	return nil
 }
 
@@ -192,10 +192,11 @@ func (s *Scheduler) reportSessionExit(ctx context.Context, req *agentv1.ReportSe
 	}))
 }
 
-// housekeep is the leader's periodic sweep: idle sessions are terminated,
-// stuck terminations retried, and executions that can no longer report are
-// declared LOST.
+// housekeep is the leader's periodic sweep: idle and over-age sessions are
+// terminated, stuck terminations retried, executions that can no longer
+// report declared LOST, and ended sessions past retention purged.
 func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
+	defer s.purge(ctx, now)
 	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
 		st := sandbox.SessionState(x.GetState())
 		return st == sandbox.SessionRunning || st == sandbox.SessionTerminating
@@ -209,6 +210,13 @@ func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 			continue
 		}
 		idle := time.Duration(sess.GetIdleTimeoutSeconds()) * time.Second
+		if life := time.Duration(sess.GetMaxLifetimeSeconds()) * time.Second; life > 0 && now.Sub(sess.GetCreatedAt().AsTime()) >= life {
+			s.log.Info("terminating session at its maximum lifetime", "session", sess.GetId(), "max_lifetime", life)
+			if err := s.stopSession(ctx, sess, fmt.Sprintf("reached its maximum lifetime of %s", life)); err != nil {
+				s.log.Warn("lifetime session stop", "session", sess.GetId(), "err", err)
+			}
+			continue
+		}
 		if idle <= 0 || now.Sub(sess.GetLastActiveAt().AsTime()) < idle || s.busy(sess.GetId()) {
 			continue
 		}
@@ -240,6 +248,31 @@ func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 	}
 }
 
+// purge deletes sessions (and their executions) that ended more than the
+// retention period ago, a bounded batch per sweep.
+func (s *Scheduler) purge(ctx context.Context, now time.Time) {
+	if s.cfg.Retention <= 0 {
+		return
+	}
+	var ids []string
+	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
+		return sandbox.SessionState(x.GetState()).Terminal() && x.GetEndedAt() != nil && now.Sub(x.GetEndedAt().AsTime()) > s.cfg.Retention
+	}) {
+		ids = append(ids, sess.GetId())
+		if len(ids) == 256 {
+			break
+		}
+	}
+	if len(ids) == 0 {
+		return
+	}
+	if err := s.apply(ctx, fsm.PurgeSessionsType, &statev1.PurgeSessions{SessionIds: ids}); err != nil {
+		s.log.Warn("purge", "err", err)
+		return
+	}
+	s.log.Info("purged ended sessions past retention", "sessions", len(ids), "retention", s.cfg.Retention)
+}
+
 // busy reports whether a session has an unfinished execution.
 func (s *Scheduler) busy(sessionID string) bool {
 	for _, e := range s.fsm.ExecutionsBySession(sessionID) {
@@ -250,12 +283,13 @@ func (s *Scheduler) busy(sessionID string) bool {
 	return false
 }
 
-var _ = proto.Clone
-
-func (c *controlPlane) GetServerInfo(ctx context.Context, _ *connect.Request[agentv1.GetServerInfoRequest]) (*connect.Response[agentv1.GetServerInfoResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("GetServerInfo comes with the cluster work"))
+func (c *controlPlane) GetServerInfo(context.Context, *connect.Request[agentv1.GetServerInfoRequest]) (*connect.Response[agentv1.GetServerInfoResponse], error) {
+	return connect.NewResponse(&agentv1.GetServerInfoResponse{Server: c.s.cfg.Self, HasState: c.s.raft.HadState()}), nil
 }
 
-func (c *controlPlane) AddServer(ctx context.Context, _ *connect.Request[agentv1.AddServerRequest]) (*connect.Response[agentv1.AddServerResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("AddServer comes with the cluster work"))
+func (c *controlPlane) AddServer(ctx context.Context, req *connect.Request[agentv1.AddServerRequest]) (*connect.Response[agentv1.AddServerResponse], error) {
+	if err := c.s.addServer(ctx, req.Msg.GetServer()); err != nil {
+		return nil, api.Error(err)
+	}
+	return connect.NewResponse(&agentv1.AddServerResponse{}), nil
 }

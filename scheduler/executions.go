@@ -42,6 +42,14 @@ func (s *Scheduler) Execute(ctx context.Context, req *sandboxv1.ExecuteRequest) 
 	if err := sandbox.ValidateEnv("env", req.GetEnv()); err != nil {
 		return nil, err
 	}
+	// A retry of an acknowledged request gets its execution, even when the
+	// session has ended since.
+	tenant := api.Principal(ctx)
+	if key := req.GetIdempotencyKey(); key != "" {
+		if id, ok := s.fsm.IdempotentID(fsm.KindExecution, tenant, key); ok {
+			return s.awaitExecution(ctx, id, req.GetAsync())
+		}
+	}
 	sess, err := s.GetSession(ctx, req.GetSessionId())
 	if err != nil {
 		return nil, err
@@ -71,42 +79,55 @@ func (s *Scheduler) Execute(ctx context.Context, req *sandboxv1.ExecuteRequest) 
 		State:          sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED,
 		TimeoutSeconds: int32(timeout / time.Second),
 		CreatedAt:      timestamppb.Now(),
-		Tenant:         api.Principal(ctx),
+		Tenant:         tenant,
 	}
-	if err := s.apply(ctx, fsm.CreateExecutionType, &statev1.CreateExecution{Execution: exec}); err != nil {
+	resp, err := s.raft.Apply(ctx, fsm.CreateExecutionType, &statev1.CreateExecution{Execution: exec, IdempotencyKey: req.GetIdempotencyKey()})
+	if err != nil {
 		return nil, err
 	}
+	if ex, ok := resp.(fsm.Existing); ok {
+		return s.awaitExecution(ctx, ex.ID, req.GetAsync())
+	}
 
-	// The execution is recorded: hand it over even if the client goes away,
-	// and record a failure to do so, so that it always reaches a terminal state.
-	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-	_, dispatchErr := s.agents.get(agent.GetAddress()).Execute(bg, connect.NewRequest(&agentv1.ExecuteRequest{
+	// The execution is recorded: hand it over even if the client goes away;
+	// dispatch records a failure to do so, so it always reaches a terminal state.
+	if err := s.dispatch(context.WithoutCancel(ctx), agent, sess, exec, req.GetEnv()); err != nil {
+		return nil, err
+	}
+	return s.awaitExecution(ctx, exec.GetId(), req.GetAsync())
+}
+
+// awaitExecution returns an execution at once when async, else once it is terminal.
+func (s *Scheduler) awaitExecution(ctx context.Context, id string, async bool) (*sandboxv1.Execution, error) {
+	if async {
+		return s.GetExecution(ctx, id)
+	}
+	return s.fsm.WaitExecution(ctx, id, terminal)
+}
+
+// dispatch hands an execution to its session's agent; when the agent cannot
+// take it, the execution is committed FAILED with the reason.
+func (s *Scheduler) dispatch(ctx context.Context, agent *statev1.Agent, sess *sandboxv1.Session, exec *sandboxv1.Execution, env map[string]string) error {
+	bg, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	_, err := s.agents.get(agent.GetAddress()).Execute(bg, connect.NewRequest(&agentv1.ExecuteRequest{
+		Fence:          s.fence(),
 		ExecutionId:    exec.GetId(),
 		SessionId:      sess.GetId(),
 		Language:       exec.GetLanguage(),
 		Code:           exec.GetCode(),
 		TimeoutSeconds: exec.GetTimeoutSeconds(),
-		Env:            req.GetEnv(),
+		Env:            env,
 	}))
-	if dispatchErr != nil {
-		s.log.Warn("execution dispatch failed", "execution", exec.GetId(), "session", sess.GetId(), "agent", agent.GetId(), "err", dispatchErr)
-		err := s.apply(bg, fsm.UpdateExecutionType, &statev1.UpdateExecution{Execution: &sandboxv1.Execution{
-			Id: exec.GetId(), State: sandboxv1.ExecutionState_EXECUTION_STATE_FAILED, ExitCode: -1,
-			StateReason: fmt.Sprintf("agent %s could not start the execution: %v", agent.GetId(), dispatchErr),
-			FinishedAt:  timestamppb.Now(),
-		}})
-		cancel()
-		if err := ignoreStale(err); err != nil {
-			return nil, err
-		}
-		return s.GetExecution(ctx, exec.GetId())
+	if err == nil {
+		return nil
 	}
-	cancel()
-
-	if req.GetAsync() {
-		return s.GetExecution(ctx, exec.GetId())
-	}
-	return s.fsm.WaitExecution(ctx, exec.GetId(), terminal)
+	s.log.Warn("execution dispatch failed", "execution", exec.GetId(), "session", sess.GetId(), "agent", agent.GetId(), "err", err)
+	return ignoreStale(s.apply(bg, fsm.UpdateExecutionType, &statev1.UpdateExecution{Execution: &sandboxv1.Execution{
+		Id: exec.GetId(), State: sandboxv1.ExecutionState_EXECUTION_STATE_FAILED, ExitCode: -1,
+		StateReason: fmt.Sprintf("agent %s could not start the execution: %v", agent.GetId(), err),
+		FinishedAt:  timestamppb.Now(),
+	}}))
 }
 
 // GetExecution returns one execution.
@@ -147,7 +168,7 @@ func (s *Scheduler) CancelExecution(ctx context.Context, id string) (*sandboxv1.
 	if !ok {
 		return nil, fmt.Errorf("%w: execution %s is on agent %q, which is not registered", sandbox.ErrUnavailable, id, sess.GetAgentId())
 	}
-	_, err = s.agents.get(agent.GetAddress()).CancelExecution(ctx, connect.NewRequest(&agentv1.CancelExecutionRequest{ExecutionId: id, SessionId: sess.GetId()}))
+	_, err = s.agents.get(agent.GetAddress()).CancelExecution(ctx, connect.NewRequest(&agentv1.CancelExecutionRequest{Fence: s.fence(), ExecutionId: id, SessionId: sess.GetId()}))
 	if err != nil && connect.CodeOf(err) != connect.CodeNotFound {
 		return nil, fmt.Errorf("%w: agent %s could not cancel execution %s: %v", sandbox.ErrUnavailable, agent.GetId(), id, err)
 	}

@@ -49,7 +49,7 @@ func (s *Scheduler) place(l sandbox.Limits) (*statev1.Agent, error) {
 	var cands []candidate
 	idx := map[string]int{}
 	for _, a := range s.fsm.Agents() {
-		if !s.agentAlive(a.GetId(), now) {
+		if a.GetState() != sandboxv1.NodeState_NODE_STATE_READY || !s.agentAlive(a.GetId(), now) {
 			continue
 		}
 		idx[a.GetId()] = len(cands)
@@ -68,10 +68,13 @@ func (s *Scheduler) place(l sandbox.Limits) (*statev1.Agent, error) {
 	return pickAgent(cands, l)
 }
 
-// agentAlive reports whether the agent registered recently.
+// agentAlive reports whether the agent has not gone silent on this server.
+// An agent this server has not heard from yet (it just became the leader)
+// counts as alive: the replicated state says READY, and failure detection
+// is the gossip mesh's job.
 func (s *Scheduler) agentAlive(id string, now time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	seen, ok := s.agentSeen[id]
-	return ok && now.Sub(seen) < s.cfg.AgentTimeout
+	return !ok || now.Sub(seen) < s.cfg.AgentTimeout
 }

@@ -14,16 +14,20 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http/httputil"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/sandboxhq/sandbox"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
@@ -44,8 +48,19 @@ type Config struct {
 	AgentTimeout time.Duration
 	// StartTimeout bounds starting a session's container.
 	StartTimeout time.Duration
-	Logger       *slog.Logger
-	Registry     prometheus.Registerer
+	// DefaultMaxLifetime applies to sessions that ask for no maximum lifetime.
+	DefaultMaxLifetime time.Duration
+	// Retention is how long ended sessions and their executions are kept
+	// before the leader purges them.
+	Retention time.Duration
+	// ReconcileInterval is how often the leader compares what each agent
+	// runs with the replicated state (besides after each leader change and
+	// agent restart).
+	ReconcileInterval time.Duration
+	// Self describes this server: id and its Raft, API and internal addresses.
+	Self     *sandboxv1.Server
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
 }
 
 // DefaultConfig returns the defaults for a LAN deployment.
@@ -55,14 +70,28 @@ func DefaultConfig() Config {
 		ExecutionGrace:       30 * time.Second,
 		AgentTimeout:         30 * time.Second,
 		StartTimeout:         60 * time.Second,
+		DefaultMaxLifetime:   24 * time.Hour,
+		Retention:            24 * time.Hour,
+		ReconcileInterval:    30 * time.Second,
 		Logger:               slog.Default(),
 	}
 }
 
-// Raft is what the scheduler needs from its Raft node.
+// Raft is what the scheduler needs from its Raft node (raftnode.Node).
 type Raft interface {
 	Apply(ctx context.Context, t fsm.MessageType, msg proto.Message) (any, error)
 	IsLeader() bool
+	Leader() (addr, id string)
+	Term() uint64
+	AppliedIndex() uint64
+	CommitIndex() uint64
+	VerifyLeader(ctx context.Context) error
+	AddVoter(ctx context.Context, id, addr string) error
+	RemoveServer(ctx context.Context, id string) error
+	Servers() ([]raft.Server, error)
+	Snapshot() (io.ReadCloser, error)
+	Restore(ctx context.Context, r io.Reader) error
+	HadState() bool
 }
 
 // Scheduler is one server's control plane.
@@ -78,6 +107,9 @@ type Scheduler struct {
 	heartbeats map[string]time.Time
 	// agentSeen records when each agent last registered with this server.
 	agentSeen map[string]time.Time
+
+	proxiesMu sync.Mutex
+	proxies   map[string]*httputil.ReverseProxy
 }
 
 // New returns a scheduler over an FSM and the Raft node that feeds it.
@@ -93,6 +125,10 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		log:        cfg.Logger,
 		heartbeats: make(map[string]time.Time),
 		agentSeen:  make(map[string]time.Time),
+		proxies:    make(map[string]*httputil.ReverseProxy),
+	}
+	if s.cfg.Self == nil {
+		s.cfg.Self = &sandboxv1.Server{Id: "local"}
 	}
 	if cfg.Registry != nil {
 		cfg.Registry.MustRegister(newCollector(f))
@@ -105,6 +141,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	t := time.NewTicker(s.cfg.HousekeepingInterval)
 	defer t.Stop()
 	bootstrapped := false
+	var lastReconcile time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -113,16 +150,26 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		}
 		if !s.raft.IsLeader() {
 			bootstrapped = false
+			s.registerSelf(ctx)
 			continue
 		}
 		if !bootstrapped {
-			if err := s.bootstrap(ctx); err != nil {
-				s.log.Warn("bootstrap templates", "err", err)
+			// A new leader: make sure the cluster knows this server's
+			// addresses and the built-in templates, then compare every
+			// agent with the replicated state before doing anything else.
+			if err := s.leaderSetup(ctx); err != nil {
+				s.log.Warn("leader setup", "err", err)
 				continue
 			}
 			bootstrapped = true
+			lastReconcile = time.Now()
 		}
-		s.housekeep(ctx, time.Now())
+		now := time.Now()
+		s.housekeep(ctx, now)
+		if now.Sub(lastReconcile) >= s.cfg.ReconcileInterval {
+			s.reconcileAll(ctx)
+			lastReconcile = now
+		}
 	}
 }
 
@@ -154,6 +201,12 @@ func (s *Scheduler) bootstrap(ctx context.Context) error {
 func (s *Scheduler) apply(ctx context.Context, t fsm.MessageType, msg proto.Message) error {
 	_, err := s.raft.Apply(ctx, t, msg)
 	return err
+}
+
+// fence is the token every command to an agent carries: the leader's term
+// and the index it had applied, so agents refuse a deposed leader.
+func (s *Scheduler) fence() *agentv1.Fence {
+	return &agentv1.Fence{Term: s.raft.Term(), Index: s.raft.AppliedIndex()}
 }
 
 // newID returns a short random id: 80 bits, base32, lower case. Short ids

@@ -53,6 +53,16 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 	if err := validateLabels(req.GetLabels()); err != nil {
 		return nil, err
 	}
+	maxLife, err := s.resolveMaxLifetime(req.GetMaxLifetimeSeconds())
+	if err != nil {
+		return nil, err
+	}
+	tenant := api.Principal(ctx)
+	if key := req.GetIdempotencyKey(); key != "" {
+		if id, ok := s.fsm.IdempotentID(fsm.KindSession, tenant, key); ok {
+			return s.awaitSession(ctx, id)
+		}
+	}
 	agent, err := s.place(limits)
 	if err != nil {
 		return nil, err
@@ -70,17 +80,23 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 		Env:                req.GetEnv(),
 		Labels:             req.GetLabels(),
 		IdleTimeoutSeconds: int32(idle / time.Second),
-		Tenant:             api.Principal(ctx),
+		MaxLifetimeSeconds: int32(maxLife / time.Second),
+		Tenant:             tenant,
 	}
-	if err := s.apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess}); err != nil {
+	resp, err := s.raft.Apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: req.GetIdempotencyKey()})
+	if err != nil {
 		return nil, err
+	}
+	if ex, ok := resp.(fsm.Existing); ok {
+		return s.awaitSession(ctx, ex.ID)
 	}
 
 	// From here the session exists: finish what was started even if the
 	// client goes away, so that no container is left without a record.
 	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.StartTimeout)
 	defer cancel()
-	resp, startErr := s.agents.get(agent.GetAddress()).StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
+	start, startErr := s.agents.get(agent.GetAddress()).StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
+		Fence:         s.fence(),
 		SessionId:     sess.GetId(),
 		TemplateId:    tmpl.GetId(),
 		Image:         tmpl.GetImage(),
@@ -91,7 +107,7 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 	if startErr != nil {
 		reason := fmt.Sprintf("container failed to start on agent %s: %v", agent.GetId(), startErr)
 		s.log.Warn("session failed to start", "session", sess.GetId(), "agent", agent.GetId(), "err", startErr)
-		_, _ = s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{SessionId: sess.GetId()}))
+		_, _ = s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: sess.GetId()}))
 		if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
 			SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
 		}); err != nil {
@@ -101,11 +117,41 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 	}
 	if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
 		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_RUNNING,
-		ContainerId: resp.Msg.GetContainerId(), At: timestamppb.Now(),
+		ContainerId: start.Msg.GetContainerId(), At: timestamppb.Now(),
 	}); err != nil {
 		return nil, err
 	}
 	return s.GetSession(ctx, sess.GetId())
+}
+
+// awaitSession returns a session created by an earlier request with the same
+// idempotency key once its start is over; a start that failed is reported
+// as the first request reported it.
+func (s *Scheduler) awaitSession(ctx context.Context, id string) (*sandboxv1.Session, error) {
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.StartTimeout)
+	defer cancel()
+	sess, err := s.fsm.WaitSession(wctx, id, func(x *sandboxv1.Session) bool {
+		st := sandbox.SessionState(x.GetState())
+		return st != sandbox.SessionPending && st != sandbox.SessionStarting
+	})
+	if err != nil {
+		return nil, err
+	}
+	if sess.GetState() == sandboxv1.SessionState_SESSION_STATE_FAILED {
+		return nil, fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, id, sess.GetStateReason())
+	}
+	return sess, nil
+}
+
+// resolveMaxLifetime applies the server's default to 0.
+func (s *Scheduler) resolveMaxLifetime(seconds int32) (time.Duration, error) {
+	switch {
+	case seconds < 0:
+		return 0, fmt.Errorf("%w: max_lifetime_seconds must not be negative, got %d", sandbox.ErrInvalidArgument, seconds)
+	case seconds == 0:
+		return s.cfg.DefaultMaxLifetime, nil
+	}
+	return time.Duration(seconds) * time.Second, nil
 }
 
 // GetSession returns one session.
@@ -168,7 +214,7 @@ func (s *Scheduler) stopSession(ctx context.Context, sess *sandboxv1.Session, re
 		return err
 	}
 	if agent, ok := s.fsm.Agent(sess.GetAgentId()); ok {
-		if _, err := s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{SessionId: id})); err != nil {
+		if _, err := s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: id})); err != nil {
 			// The session stays TERMINATING; housekeeping tries again.
 			return fmt.Errorf("%w: session %s: agent %s did not stop its container (will retry): %v", sandbox.ErrUnavailable, id, agent.GetId(), err)
 		}

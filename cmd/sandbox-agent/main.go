@@ -36,7 +36,7 @@ func run() error {
 		dataDir          = flag.String("data-dir", def.DataDir, "directory for the agent's state, sockets and artifacts")
 		listen           = flag.String("listen", def.ListenAddr, "address of the internal AgentService and /metrics")
 		advertise        = flag.String("advertise", "", "address servers reach this agent at (default: the listen address)")
-		server           = flag.String("server", def.ServerURL, "URL of a scheduler's internal port")
+		server           = flag.String("server", def.ServerURL, "URL of a scheduler's internal port, or several comma-separated (the agent fails over)")
 		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
 		containerdAddr   = flag.String("containerd-address", containerd.DefaultConfig().Address, "containerd socket")
 		cpuMillis        = flag.Int("cpu-millis", int(def.CPUMillis), "CPU capacity offered to sessions, in thousandths of a core")

@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sandboxhq/sandbox/api"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
 	"github.com/sandboxhq/sandbox/scheduler"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
 	"github.com/sandboxhq/sandbox/scheduler/raftnode"
@@ -44,6 +45,12 @@ func run() error {
 		apiKeysFile      = flag.String("api-keys-file", "", "file of accepted API keys, one per line (\"KEY\" or \"NAME KEY\")")
 		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error")
+		bootstrapExpect  = flag.Int("bootstrap-expect", 0, "number of servers that form a new cluster together (1: a single server; 0: 1 without --join, else join an existing cluster)")
+		join             = flag.String("join", "", "comma-separated internal addresses of other servers, to form or join a cluster")
+		heartbeat        = flag.Duration("raft-heartbeat-timeout", raftnode.DefaultConfig().HeartbeatTimeout, "Raft heartbeat timeout")
+		election         = flag.Duration("raft-election-timeout", raftnode.DefaultConfig().ElectionTimeout, "Raft election timeout")
+		retention        = flag.Duration("retention", scheduler.DefaultConfig().Retention, "how long ended sessions and their executions are kept")
+		maxLifetime      = flag.Duration("default-max-lifetime", scheduler.DefaultConfig().DefaultMaxLifetime, "maximum lifetime of sessions that ask for none")
 	)
 	flag.Parse()
 
@@ -74,7 +81,9 @@ func run() error {
 	rcfg.ID = *id
 	rcfg.DataDir = filepath.Join(*dataDir, "raft")
 	rcfg.BindAddr = *raftAddr
-	rcfg.Bootstrap = true
+	rcfg.HeartbeatTimeout = *heartbeat
+	rcfg.ElectionTimeout = *election
+	rcfg.LeaderLeaseTimeout = min(rcfg.LeaderLeaseTimeout, *heartbeat)
 	rcfg.Logger = logger.With("component", "raft")
 	node, err := raftnode.New(rcfg, state)
 	if err != nil {
@@ -86,13 +95,26 @@ func run() error {
 	scfg.ClusterToken = token
 	scfg.Logger = logger
 	scfg.Registry = reg
+	scfg.Retention = *retention
+	scfg.DefaultMaxLifetime = *maxLifetime
+	scfg.Self = &sandboxv1.Server{Id: *id, Address: *raftAddr, ApiAddress: *apiAddr, InternalAddress: *internalAddr}
 	sched := scheduler.New(scfg, state, node)
+	var peers []string
+	for _, p := range strings.Split(*join, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			peers = append(peers, p)
+		}
+	}
+	expect := *bootstrapExpect
+	if expect == 0 && len(peers) == 0 {
+		expect = 1
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	pub := api.NewServer(*apiAddr, api.NewHandler(api.Config{Backend: sched, Keys: keys, Logger: logger, Registry: reg}))
-	internal := api.NewServer(*internalAddr, sched.ControlPlaneHandler())
+	pub := api.NewServer(*apiAddr, sched.Forward(api.NewHandler(api.Config{Backend: sched, Cluster: sched, Keys: keys, Logger: logger, Registry: reg}), scheduler.PublicPort))
+	internal := api.NewServer(*internalAddr, sched.Forward(sched.ControlPlaneHandler(), scheduler.InternalPort))
 	errc := make(chan error, 3)
 	for _, srv := range []*http.Server{pub, internal} {
 		ln, err := net.Listen("tcp", srv.Addr)
@@ -102,6 +124,11 @@ func run() error {
 		go func() { errc <- srv.Serve(ln) }()
 	}
 	go func() { errc <- sched.Run(ctx) }()
+	go func() {
+		if err := sched.Join(ctx, scheduler.JoinConfig{Raft: node, BootstrapExpect: expect, Join: peers}); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("joining the cluster: %w", err)
+		}
+	}()
 	logger.Info("scheduler started", "id", *id, "api", *apiAddr, "internal", *internalAddr, "raft", *raftAddr, "data_dir", *dataDir)
 
 	select {

@@ -1,0 +1,133 @@
+package scheduler
+
+import (
+	"errors"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"path"
+	"strings"
+
+	"connectrpc.com/connect"
+)
+
+// Headers of the forwarding protocol between servers and clients.
+const (
+	// ReadConsistencyHeader set to "stale" lets a read be answered from the
+	// receiving server's local state instead of through the leader.
+	ReadConsistencyHeader = "Sandbox-Read-Consistency"
+	// forwardedHeader marks a request one server forwarded to another, so a
+	// request is forwarded at most once.
+	forwardedHeader = "Sandbox-Forwarded-By"
+)
+
+// Port says which of a leader's ports a forwarded request goes to.
+type Port int
+
+// The two ports a server forwards.
+const (
+	PublicPort Port = iota
+	InternalPort
+)
+
+// localMethods are always answered by the receiving server.
+var localMethods = map[string]bool{
+	"GetServerInfo": true,
+}
+
+func isRead(method string) bool {
+	return strings.HasPrefix(method, "Get") || strings.HasPrefix(method, "List") || method == "DownloadArtifact"
+}
+
+// Forward wraps a port's handler so that any server answers any call: the
+// leader serves writes and linearizable reads (after confirming it still
+// leads), a follower passes them to the leader unchanged (Connect, gRPC and
+// gRPC-Web alike, streams included), and a read marked stale is answered
+// locally. Paths outside the RPC services (/metrics, health, reflection)
+// are always local.
+func (s *Scheduler) Forward(next http.Handler, port Port) http.Handler {
+	ew := connect.NewErrorWriter()
+	fail := func(w http.ResponseWriter, r *http.Request, err error) {
+		if ew.IsSupported(r) {
+			_ = ew.Write(w, r, err)
+			return
+		}
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		method := path.Base(r.URL.Path)
+		if !strings.HasPrefix(r.URL.Path, "/sandbox.") || localMethods[method] {
+			next.ServeHTTP(w, r)
+			return
+		}
+		read := isRead(method)
+		if read && r.Header.Get(ReadConsistencyHeader) == "stale" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if s.raft.IsLeader() {
+			if read {
+				if err := s.raft.VerifyLeader(r.Context()); err != nil {
+					fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server lost the leadership while serving a read; retry")))
+					return
+				}
+			}
+			next.ServeHTTP(w, r)
+			return
+		}
+		if by := r.Header.Get(forwardedHeader); by != "" {
+			fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("request forwarded by "+by+" to a server that is not the leader; retry")))
+			return
+		}
+		target := s.leaderAddress(port)
+		if target == "" {
+			fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("no leader is elected right now; retry (or read with "+ReadConsistencyHeader+": stale)")))
+			return
+		}
+		r.Header.Set(forwardedHeader, s.cfg.Self.GetId())
+		s.proxy(target, fail).ServeHTTP(w, r)
+	})
+}
+
+// leaderAddress is the leader's address on a port, from its server record.
+func (s *Scheduler) leaderAddress(port Port) string {
+	_, id := s.raft.Leader()
+	if id == "" {
+		return ""
+	}
+	srv, ok := s.fsm.Server(id)
+	if !ok {
+		return ""
+	}
+	if port == InternalPort {
+		return srv.GetInternalAddress()
+	}
+	return srv.GetApiAddress()
+}
+
+// proxy returns the reverse proxy to one leader address (cleartext HTTP/2,
+// so gRPC's trailers and streams pass through).
+func (s *Scheduler) proxy(target string, fail func(http.ResponseWriter, *http.Request, error)) *httputil.ReverseProxy {
+	s.proxiesMu.Lock()
+	defer s.proxiesMu.Unlock()
+	if p, ok := s.proxies[target]; ok {
+		return p
+	}
+	u := &url.URL{Scheme: "http", Host: target}
+	t := &http.Transport{ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 64}
+	t.Protocols = new(http.Protocols)
+	t.Protocols.SetUnencryptedHTTP2(true)
+	p := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(u)
+			pr.Out.Host = pr.In.Host
+		},
+		Transport:     t,
+		FlushInterval: -1,
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("the leader at "+target+" did not answer; retry: "+err.Error())))
+		},
+	}
+	s.proxies[target] = p
+	return p
+}
