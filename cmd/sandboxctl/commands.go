@@ -54,6 +54,17 @@ func commands() []*command {
 			{name: "list", summary: "list an execution's artifacts", run: (*app).cmdArtifactsList},
 			{name: "get", summary: "download one artifact", run: (*app).cmdArtifactsGet},
 		}},
+		{name: "cluster", summary: "servers, nodes and snapshots of the cluster", sub: []*command{
+			{name: "status", summary: "show the servers, the leader and the Raft indexes", run: (*app).cmdClusterStatus},
+			{name: "nodes", summary: "list the nodes (agents) with their capacity and warm pools", run: (*app).cmdClusterNodes},
+			{name: "drain", summary: "stop placing new sessions on a node", run: (*app).cmdClusterDrain},
+			{name: "join", summary: "add a server to the Raft cluster", run: (*app).cmdClusterJoin},
+			{name: "remove", summary: "remove a server from the Raft cluster", run: (*app).cmdClusterRemove},
+			{name: "snapshot", summary: "save or restore the replicated state", sub: []*command{
+				{name: "save", summary: "save a snapshot of the replicated state to a file", run: (*app).cmdSnapshotSave},
+				{name: "restore", summary: "replace the replicated state with a saved snapshot", run: (*app).cmdSnapshotRestore},
+			}},
+		}},
 		{name: "version", summary: "print the client's version", run: (*app).cmdVersion},
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"connectrpc.com/connect"
@@ -27,6 +28,15 @@ const (
 	apiKeyFile = ".sandbox/api-key"
 )
 
+// readConsistencyHeader, set to "stale" on read calls, lets the server that
+// receives a read answer from its own copy of the state instead of going
+// through the Raft leader: cheaper, still served while there is no leader,
+// but possibly behind by the replication lag.
+const (
+	readConsistencyHeader = "Sandbox-Read-Consistency"
+	readConsistencyStale  = "stale"
+)
+
 // globalFlags are accepted before the command and after any leaf command.
 // They are registered with flag.Func so that registering them on a second
 // flag set neither resets what the first one parsed nor prints a secret as a
@@ -35,6 +45,7 @@ type globalFlags struct {
 	addr     string
 	apiKey   string
 	protocol string
+	stale    bool
 }
 
 func (g *globalFlags) register(fs *flag.FlagSet) {
@@ -54,6 +65,14 @@ func (g *globalFlags) register(fs *flag.FlagSet) {
 		}
 		return fmt.Errorf("must be connect, grpc or grpcweb")
 	})
+	fs.BoolFunc("stale", "let read calls be answered from the receiving server's local state, which may lag the leader's (header "+readConsistencyHeader+": "+readConsistencyStale+")", func(s string) error {
+		v, err := strconv.ParseBool(s)
+		if err != nil {
+			return fmt.Errorf("want true or false, got %q", s)
+		}
+		g.stale = v
+		return nil
+	})
 }
 
 // config is the resolved configuration.
@@ -61,11 +80,12 @@ type config struct {
 	addr     string
 	apiKey   string
 	protocol string
+	stale    bool
 }
 
 // config resolves flags, then the environment, then the defaults.
 func (a *app) config() (config, error) {
-	c := config{addr: a.global.addr, apiKey: a.global.apiKey, protocol: a.global.protocol}
+	c := config{addr: a.global.addr, apiKey: a.global.apiKey, protocol: a.global.protocol, stale: a.global.stale}
 	if c.addr == "" {
 		c.addr = a.getenv(envAddr)
 	}
@@ -140,6 +160,7 @@ type clients struct {
 	sessions   sandboxv1connect.SessionServiceClient
 	executions sandboxv1connect.ExecutionServiceClient
 	templates  sandboxv1connect.TemplateServiceClient
+	cluster    sandboxv1connect.ClusterServiceClient
 }
 
 // clients resolves the configuration and builds the API clients.
@@ -152,7 +173,7 @@ func (a *app) clients() (*clients, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := []connect.ClientOption{connect.WithInterceptors(bearerAuth(cfg.apiKey))}
+	opts := []connect.ClientOption{connect.WithInterceptors(bearerAuth(cfg.apiKey), readConsistency(cfg.stale))}
 	switch cfg.protocol {
 	case "grpc":
 		opts = append(opts, connect.WithGRPC())
@@ -163,6 +184,7 @@ func (a *app) clients() (*clients, error) {
 		sessions:   sandboxv1connect.NewSessionServiceClient(hc, cfg.addr, opts...),
 		executions: sandboxv1connect.NewExecutionServiceClient(hc, cfg.addr, opts...),
 		templates:  sandboxv1connect.NewTemplateServiceClient(hc, cfg.addr, opts...),
+		cluster:    sandboxv1connect.NewClusterServiceClient(hc, cfg.addr, opts...),
 	}, nil
 }
 
@@ -220,5 +242,41 @@ func (i *authInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) 
 }
 
 func (i *authInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}
+
+// readConsistency sends "Sandbox-Read-Consistency: stale" on the read calls
+// (the methods the API declares free of side effects) when stale is set,
+// and nothing otherwise. Writes always go through the leader.
+func readConsistency(stale bool) connect.Interceptor {
+	return &readConsistencyInterceptor{stale: stale}
+}
+
+type readConsistencyInterceptor struct{ stale bool }
+
+func (i *readConsistencyInterceptor) applies(spec connect.Spec) bool {
+	return i.stale && spec.IdempotencyLevel == connect.IdempotencyNoSideEffects
+}
+
+func (i *readConsistencyInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if i.applies(req.Spec()) {
+			req.Header().Set(readConsistencyHeader, readConsistencyStale)
+		}
+		return next(ctx, req)
+	}
+}
+
+func (i *readConsistencyInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		conn := next(ctx, spec)
+		if i.applies(spec) {
+			conn.RequestHeader().Set(readConsistencyHeader, readConsistencyStale)
+		}
+		return conn
+	}
+}
+
+func (i *readConsistencyInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return next
 }

@@ -73,6 +73,7 @@ func (a *app) exec(ctx context.Context, args []string) error {
 		return nil
 	})
 	artifactsDir := fs.String("artifacts", "", "download the execution's artifacts into `DIR`")
+	key := idempotencyKeyFlag(fs, "idempotency `KEY` of the execution (default: a fresh random one); the same key never runs the code twice")
 	format := outputFlag(fs)
 	pos, err := a.parseLeaf(fs, args, "exec [--template T | --session ID] [flags] [-c CODE | FILE | -]", execHelp, 0, 1)
 	if err != nil {
@@ -109,13 +110,15 @@ func (a *app) exec(ctx context.Context, args []string) error {
 		tmpl = builtinTemplateFor(lang)
 	}
 
+	execKey, sessionKey := execIdempotencyKeys(*key)
 	sessionID, owned := *session, false
 	if sessionID == "" {
 		token := rand.Text()
-		resp, err := c.sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{
-			TemplateId: tmpl,
-			Labels:     map[string]string{execLabel: token},
-		}))
+		resp, err := createSession(ctx, a, c, &sandboxv1.CreateSessionRequest{
+			TemplateId:     tmpl,
+			Labels:         map[string]string{execLabel: token},
+			IdempotencyKey: sessionKey,
+		})
 		if err != nil {
 			if ctx.Err() != nil {
 				a.removeLabeledSessions(ctx, c, token)
@@ -123,17 +126,30 @@ func (a *app) exec(ctx context.Context, args []string) error {
 			}
 			return err
 		}
-		sessionID, owned = resp.Msg.GetSession().GetId(), true
+		sessionID, owned = resp.GetSession().GetId(), true
 		defer a.removeSession(ctx, c, sessionID)
 	}
 
-	resp, err := c.executions.Execute(ctx, connect.NewRequest(&sandboxv1.ExecuteRequest{
+	req := &sandboxv1.ExecuteRequest{
 		SessionId:      sessionID,
 		Language:       lang,
 		Code:           src,
 		TimeoutSeconds: int32(*timeout),
 		Env:            env,
-	}))
+		IdempotencyKey: execKey,
+	}
+	e, err := withRetry(ctx, a, "execute", func(ctx context.Context) (*sandboxv1.Execution, error) {
+		resp, err := c.executions.Execute(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg.GetExecution(), nil
+	})
+	if err == nil && !executionFinished(e) {
+		// A retried Execute may find its first attempt's execution still
+		// running and hand it back as it stands.
+		e, err = a.awaitExecution(ctx, c, e)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			a.cancelExecutions(ctx, c, sessionID, owned, lang, src)
@@ -141,7 +157,6 @@ func (a *app) exec(ctx context.Context, args []string) error {
 		}
 		return err
 	}
-	e := resp.Msg.GetExecution()
 
 	if *format == formatJSON {
 		if err := a.printJSON(e); err != nil {
@@ -172,6 +187,69 @@ func (a *app) exec(ctx context.Context, args []string) error {
 		return &exitCodeError{code: exit}
 	}
 	return nil
+}
+
+// execIdempotencyKeys returns the idempotency keys of exec's Execute and
+// CreateSession calls: fresh random ones, or derived from the one given with
+// --idempotency-key. The server scopes keys by kind (session, execution)
+// already; distinct keys keep that true of any server, and tell the two
+// calls apart in logs.
+func execIdempotencyKeys(given string) (execKey, sessionKey string) {
+	if given == "" {
+		return newIdempotencyKey(), newIdempotencyKey()
+	}
+	return given, given + "-session"
+}
+
+// executionFinished reports whether e is past QUEUED and RUNNING. Anything
+// else, even a state this client does not know, ends the wait: exec then
+// reports it.
+func executionFinished(e *sandboxv1.Execution) bool {
+	switch e.GetState() {
+	case sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED, sandboxv1.ExecutionState_EXECUTION_STATE_RUNNING:
+		return false
+	}
+	return true
+}
+
+// Polling of an execution that Execute returned unfinished: every
+// pollInitial at first, backing off to pollMax.
+const (
+	pollInitial = 200 * time.Millisecond
+	pollMax     = 2 * time.Second
+)
+
+// awaitExecution polls e until it is finished, which the platform
+// guarantees for every execution it accepted (the execution's own timeout
+// bounds the wait); ctx's cancellation (Ctrl-C) stops it sooner.
+func (a *app) awaitExecution(ctx context.Context, c *clients, e *sandboxv1.Execution) (*sandboxv1.Execution, error) {
+	wait := pollInitial
+	if a.pollInitial > 0 {
+		wait = a.pollInitial
+	}
+	for !executionFinished(e) {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("execution %s: %w", e.GetId(), connect.NewError(connect.CodeCanceled, ctx.Err()))
+		case <-t.C:
+		}
+		wait = min(2*wait, pollMax)
+		id := e.GetId()
+		var err error
+		e, err = withRetry(ctx, a, "get execution "+id, func(ctx context.Context) (*sandboxv1.Execution, error) {
+			resp, err := c.executions.GetExecution(ctx, connect.NewRequest(&sandboxv1.GetExecutionRequest{ExecutionId: id}))
+			if err != nil {
+				return nil, err
+			}
+			return resp.Msg.GetExecution(), nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return e, nil
 }
 
 // writeStreams copies the execution's stdout and stderr to ours, exactly,

@@ -31,6 +31,7 @@ type fakeAPI struct {
 	sandboxv1connect.UnimplementedSessionServiceHandler
 	sandboxv1connect.UnimplementedExecutionServiceHandler
 	sandboxv1connect.UnimplementedTemplateServiceHandler
+	sandboxv1connect.UnimplementedClusterServiceHandler
 
 	mu         sync.Mutex
 	nextID     int
@@ -59,6 +60,22 @@ type fakeAPI struct {
 	// started, and wait for the client to go away.
 	block   bool
 	started chan string
+	// faults, by procedure, are what the next calls meet, in order.
+	faults map[string][]fault
+	// running makes Execute leave its execution RUNNING; GetExecution then
+	// completes it after this many more calls.
+	running int
+
+	// Idempotency records: key to session or execution id.
+	sessionKeys map[string]string
+	execKeys    map[string]string
+
+	// The cluster.
+	status       *sandboxv1.GetClusterStatusResponse
+	nodes        []*sandboxv1.Node
+	snapshotData []byte
+	// snapshotErr ends SaveSnapshot after its first chunk.
+	snapshotErr error
 
 	// Observations.
 	auth          []string
@@ -69,15 +86,106 @@ type fakeAPI struct {
 	terminated    []string
 	canceled      []string
 	downloadCalls int
+	// calls records every request's procedure and read-consistency header.
+	calls []call
+	// keys records, by procedure, the idempotency key of every attempt,
+	// also those a fault stopped.
+	keys         map[string][]string
+	drained      []string
+	joined       []string
+	removed      []string
+	restoreCalls int
+	// restored holds the chunks of the last RestoreSnapshot call.
+	restored [][]byte
+}
+
+// call is one request the fake received.
+type call struct {
+	procedure   string
+	consistency string
+}
+
+// fault is what one call meets: the error code, and whether the server did
+// the work first (so that only the answer is lost). abort breaks the HTTP
+// stream instead of answering, as a dying server or a reset connection does.
+type fault struct {
+	code  connect.Code
+	after bool
+	abort bool
+}
+
+// takeFault pops the next fault planned for procedure, if any.
+func (f *fakeAPI) takeFault(procedure string) (fault, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	q := f.faults[procedure]
+	if len(q) == 0 {
+		return fault{}, false
+	}
+	f.faults[procedure] = q[1:]
+	return q[0], true
+}
+
+// faultInterceptor injects the planned faults into unary calls.
+func (f *fakeAPI) faultInterceptor() connect.UnaryInterceptorFunc {
+	return func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			if m, ok := req.Any().(interface{ GetIdempotencyKey() string }); ok {
+				f.mu.Lock()
+				f.keys[req.Spec().Procedure] = append(f.keys[req.Spec().Procedure], m.GetIdempotencyKey())
+				f.mu.Unlock()
+			}
+			ft, ok := f.takeFault(req.Spec().Procedure)
+			if !ok {
+				return next(ctx, req)
+			}
+			if ft.after {
+				if resp, err := next(ctx, req); err != nil {
+					return resp, err
+				}
+			}
+			if ft.abort {
+				// net/http resets the HTTP/2 stream: no answer at all.
+				panic(http.ErrAbortHandler)
+			}
+			return nil, connect.NewError(ft.code, fmt.Errorf("injected %s", ft.code))
+		}
+	}
 }
 
 func newFakeAPI() *fakeAPI {
 	f := &fakeAPI{
-		sessions:   map[string]*sandboxv1.Session{},
-		executions: map[string]*sandboxv1.Execution{},
-		templates:  map[string]*sandboxv1.Template{},
-		artifacts:  map[string]map[string][]byte{},
-		started:    make(chan string, 1),
+		sessions:    map[string]*sandboxv1.Session{},
+		executions:  map[string]*sandboxv1.Execution{},
+		templates:   map[string]*sandboxv1.Template{},
+		artifacts:   map[string]map[string][]byte{},
+		started:     make(chan string, 1),
+		faults:      map[string][]fault{},
+		keys:        map[string][]string{},
+		sessionKeys: map[string]string{},
+		execKeys:    map[string]string{},
+		status: &sandboxv1.GetClusterStatusResponse{
+			Servers: []*sandboxv1.Server{
+				{Id: "server-1", Address: "10.0.0.1:7402", ApiAddress: "10.0.0.1:7400", InternalAddress: "10.0.0.1:7401", Role: sandboxv1.ServerRole_SERVER_ROLE_LEADER, Voter: true},
+				{Id: "server-2", Address: "10.0.0.2:7402", ApiAddress: "10.0.0.2:7400", InternalAddress: "10.0.0.2:7401", Role: sandboxv1.ServerRole_SERVER_ROLE_FOLLOWER, Voter: true},
+				{Id: "server-3", Address: "10.0.0.3:7402", ApiAddress: "10.0.0.3:7400", InternalAddress: "10.0.0.3:7401", Role: sandboxv1.ServerRole_SERVER_ROLE_NONVOTER},
+			},
+			LeaderId: "server-1", Term: 7, CommitIndex: 1042, AppliedIndex: 1040, ServerId: "server-2",
+		},
+		nodes: []*sandboxv1.Node{
+			{
+				Id: "agent-1", Address: "10.0.1.1:7500", State: sandboxv1.NodeState_NODE_STATE_READY,
+				Capacity:  &sandboxv1.NodeResources{CpuMillis: 4000, MemoryMib: 8192},
+				Allocated: &sandboxv1.NodeResources{CpuMillis: 1500, MemoryMib: 512},
+				WarmPools: []*sandboxv1.WarmPool{{TemplateId: "python-basic", Ready: 3}, {TemplateId: "nodejs-basic", Ready: 1}},
+				Sessions:  2, StateChangedAt: timestamppb.New(time.Now().Add(-3 * time.Hour)),
+			},
+			{
+				Id: "agent-2", Address: "10.0.1.2:7500", State: sandboxv1.NodeState_NODE_STATE_DEAD, StateReason: "missed probes",
+				Capacity:       &sandboxv1.NodeResources{CpuMillis: 2000, MemoryMib: 4096},
+				StateChangedAt: timestamppb.New(time.Now().Add(-90 * time.Second)),
+			},
+		},
 	}
 	for _, t := range []*sandboxv1.Template{
 		{Id: "python-basic", Image: "localhost/sandbox/python-basic:latest", Languages: []string{"python", "bash"}, Builtin: true, Description: "Python 3"},
@@ -93,13 +201,16 @@ func newFakeAPI() *fakeAPI {
 func (f *fakeAPI) serve(t *testing.T) string {
 	t.Helper()
 	mux := http.NewServeMux()
-	mux.Handle(sandboxv1connect.NewSessionServiceHandler(f))
-	mux.Handle(sandboxv1connect.NewExecutionServiceHandler(f))
-	mux.Handle(sandboxv1connect.NewTemplateServiceHandler(f))
+	opt := connect.WithInterceptors(f.faultInterceptor())
+	mux.Handle(sandboxv1connect.NewSessionServiceHandler(f, opt))
+	mux.Handle(sandboxv1connect.NewExecutionServiceHandler(f, opt))
+	mux.Handle(sandboxv1connect.NewTemplateServiceHandler(f, opt))
+	mux.Handle(sandboxv1connect.NewClusterServiceHandler(f, opt))
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		f.mu.Lock()
 		f.auth = append(f.auth, r.Header.Get("Authorization"))
 		f.protoMajors = append(f.protoMajors, r.ProtoMajor)
+		f.calls = append(f.calls, call{procedure: r.URL.Path, consistency: r.Header.Get(readConsistencyHeader)})
 		f.mu.Unlock()
 		mux.ServeHTTP(w, r)
 	}))
@@ -162,7 +273,15 @@ func (f *fakeAPI) CreateSession(ctx context.Context, req *connect.Request[sandbo
 	if _, ok := f.templates[req.Msg.GetTemplateId()]; !ok {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("template %q not found", req.Msg.GetTemplateId()))
 	}
+	key := req.Msg.GetIdempotencyKey()
+	if id, ok := f.sessionKeys[key]; ok && key != "" {
+		return connect.NewResponse(&sandboxv1.CreateSessionResponse{Session: f.sessions[id]}), nil
+	}
 	id := f.addSessionLocked(req.Msg.GetTemplateId(), req.Msg.GetLabels())
+	f.sessions[id].MaxLifetimeSeconds = req.Msg.GetMaxLifetimeSeconds()
+	if key != "" {
+		f.sessionKeys[key] = id
+	}
 	if f.onCreate != nil {
 		f.mu.Unlock()
 		f.onCreate(ctx)
@@ -250,6 +369,10 @@ func (f *fakeAPI) Execute(ctx context.Context, req *connect.Request[sandboxv1.Ex
 		defer f.mu.Unlock()
 		return nil, f.executeErr
 	}
+	if id, ok := f.execKeys[req.Msg.GetIdempotencyKey()]; ok && req.Msg.GetIdempotencyKey() != "" {
+		defer f.mu.Unlock()
+		return connect.NewResponse(&sandboxv1.ExecuteResponse{Execution: proto.Clone(f.executions[id]).(*sandboxv1.Execution)}), nil
+	}
 	s, ok := f.sessions[req.Msg.GetSessionId()]
 	if !ok || s.State != sandboxv1.SessionState_SESSION_STATE_RUNNING {
 		f.mu.Unlock()
@@ -260,6 +383,9 @@ func (f *fakeAPI) Execute(ctx context.Context, req *connect.Request[sandboxv1.Ex
 		TimeoutSeconds: req.Msg.GetTimeoutSeconds(), State: sandboxv1.ExecutionState_EXECUTION_STATE_RUNNING,
 	}
 	f.executions[e.Id] = e
+	if k := req.Msg.GetIdempotencyKey(); k != "" {
+		f.execKeys[k] = e.Id
+	}
 	if f.block {
 		f.mu.Unlock()
 		f.started <- e.Id
@@ -267,6 +393,15 @@ func (f *fakeAPI) Execute(ctx context.Context, req *connect.Request[sandboxv1.Ex
 		return nil, connect.NewError(connect.CodeCanceled, ctx.Err())
 	}
 	defer f.mu.Unlock()
+	if f.running > 0 {
+		return connect.NewResponse(&sandboxv1.ExecuteResponse{Execution: proto.Clone(e).(*sandboxv1.Execution)}), nil
+	}
+	f.finishLocked(e)
+	return connect.NewResponse(&sandboxv1.ExecuteResponse{Execution: proto.Clone(e).(*sandboxv1.Execution)}), nil
+}
+
+// finishLocked completes e as the fake's hooks say.
+func (f *fakeAPI) finishLocked(e *sandboxv1.Execution) {
 	e.State = sandboxv1.ExecutionState_EXECUTION_STATE_COMPLETED
 	e.Stdout = "ran: " + e.Code
 	if f.result != nil {
@@ -277,7 +412,6 @@ func (f *fakeAPI) Execute(ctx context.Context, req *connect.Request[sandboxv1.Ex
 		e.Artifacts = append(e.Artifacts, artifactOf(p, []byte(f.files[p])))
 		f.artifacts[e.Id][p] = []byte(f.files[p])
 	}
-	return connect.NewResponse(&sandboxv1.ExecuteResponse{Execution: proto.Clone(e).(*sandboxv1.Execution)}), nil
 }
 
 func (f *fakeAPI) GetExecution(_ context.Context, req *connect.Request[sandboxv1.GetExecutionRequest]) (*connect.Response[sandboxv1.GetExecutionResponse], error) {
@@ -287,7 +421,12 @@ func (f *fakeAPI) GetExecution(_ context.Context, req *connect.Request[sandboxv1
 	if !ok {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("execution %q not found", req.Msg.GetExecutionId()))
 	}
-	return connect.NewResponse(&sandboxv1.GetExecutionResponse{Execution: e}), nil
+	if e.State == sandboxv1.ExecutionState_EXECUTION_STATE_RUNNING && f.running > 0 {
+		if f.running--; f.running == 0 {
+			f.finishLocked(e)
+		}
+	}
+	return connect.NewResponse(&sandboxv1.GetExecutionResponse{Execution: proto.Clone(e).(*sandboxv1.Execution)}), nil
 }
 
 func (f *fakeAPI) ListExecutions(_ context.Context, req *connect.Request[sandboxv1.ListExecutionsRequest]) (*connect.Response[sandboxv1.ListExecutionsResponse], error) {
@@ -390,6 +529,88 @@ func (f *fakeAPI) DeleteTemplate(_ context.Context, req *connect.Request[sandbox
 	return connect.NewResponse(&sandboxv1.DeleteTemplateResponse{}), nil
 }
 
+func (f *fakeAPI) GetClusterStatus(context.Context, *connect.Request[sandboxv1.GetClusterStatusRequest]) (*connect.Response[sandboxv1.GetClusterStatusResponse], error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return connect.NewResponse(proto.Clone(f.status).(*sandboxv1.GetClusterStatusResponse)), nil
+}
+
+func (f *fakeAPI) ListNodes(context.Context, *connect.Request[sandboxv1.ListNodesRequest]) (*connect.Response[sandboxv1.ListNodesResponse], error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	resp := &sandboxv1.ListNodesResponse{}
+	for _, n := range f.nodes {
+		resp.Nodes = append(resp.Nodes, proto.Clone(n).(*sandboxv1.Node))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (f *fakeAPI) DrainNode(_ context.Context, req *connect.Request[sandboxv1.DrainNodeRequest]) (*connect.Response[sandboxv1.DrainNodeResponse], error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, n := range f.nodes {
+		if n.Id == req.Msg.GetNodeId() {
+			f.drained = append(f.drained, n.Id)
+			n.State = sandboxv1.NodeState_NODE_STATE_DRAINING
+			return connect.NewResponse(&sandboxv1.DrainNodeResponse{Node: proto.Clone(n).(*sandboxv1.Node)}), nil
+		}
+	}
+	return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q not found", req.Msg.GetNodeId()))
+}
+
+func (f *fakeAPI) JoinServer(_ context.Context, req *connect.Request[sandboxv1.JoinServerRequest]) (*connect.Response[sandboxv1.JoinServerResponse], error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.joined = append(f.joined, req.Msg.GetAddress())
+	s := &sandboxv1.Server{Id: fmt.Sprintf("server-%d", len(f.status.Servers)+1), InternalAddress: req.Msg.GetAddress(),
+		Role: sandboxv1.ServerRole_SERVER_ROLE_FOLLOWER, Voter: true}
+	f.status.Servers = append(f.status.Servers, s)
+	return connect.NewResponse(&sandboxv1.JoinServerResponse{Server: s}), nil
+}
+
+func (f *fakeAPI) RemoveServer(_ context.Context, req *connect.Request[sandboxv1.RemoveServerRequest]) (*connect.Response[sandboxv1.RemoveServerResponse], error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	i := slices.IndexFunc(f.status.Servers, func(s *sandboxv1.Server) bool { return s.Id == req.Msg.GetServerId() })
+	if i < 0 {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("server %q not found", req.Msg.GetServerId()))
+	}
+	f.removed = append(f.removed, req.Msg.GetServerId())
+	f.status.Servers = slices.Delete(f.status.Servers, i, i+1)
+	return connect.NewResponse(&sandboxv1.RemoveServerResponse{}), nil
+}
+
+func (f *fakeAPI) SaveSnapshot(_ context.Context, _ *connect.Request[sandboxv1.SaveSnapshotRequest], stream *connect.ServerStream[sandboxv1.SaveSnapshotResponse]) error {
+	f.mu.Lock()
+	data, failure := f.snapshotData, f.snapshotErr
+	f.mu.Unlock()
+	// Uneven chunks, so that the client reassembles several messages.
+	for chunk := range slices.Chunk(data, 10000) {
+		if err := stream.Send(&sandboxv1.SaveSnapshotResponse{Chunk: chunk}); err != nil {
+			return err
+		}
+		if failure != nil {
+			return failure
+		}
+	}
+	return nil
+}
+
+func (f *fakeAPI) RestoreSnapshot(_ context.Context, stream *connect.ClientStream[sandboxv1.RestoreSnapshotRequest]) (*connect.Response[sandboxv1.RestoreSnapshotResponse], error) {
+	var chunks [][]byte
+	for stream.Receive() {
+		chunks = append(chunks, slices.Clone(stream.Msg().GetChunk()))
+	}
+	if err := stream.Err(); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.restoreCalls++
+	f.restored = chunks
+	return connect.NewResponse(&sandboxv1.RestoreSnapshotResponse{}), nil
+}
+
 // snapshot returns copies of the observations, taken under the lock.
 func (f *fakeAPI) snapshot() (terminated, canceled []string, created int, executed []*sandboxv1.ExecuteRequest) {
 	f.mu.Lock()
@@ -437,6 +658,9 @@ func runCLI(t *testing.T, addr string, inv invocation, args ...string) result {
 		getenv:          func(k string) string { return env[k] },
 		getwd:           func() (string, error) { return cwd, nil },
 		now:             time.Now,
+		// Retries and polls as the real ones, but quick.
+		retry:       retryPolicy{attempts: defaultRetry.attempts, initial: time.Millisecond, max: 4 * time.Millisecond},
+		pollInitial: time.Millisecond,
 	}
 	code := a.run(ctx, args)
 	return result{stdout: stdout.String(), stderr: stderr.String(), code: code}

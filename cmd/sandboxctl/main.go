@@ -49,6 +49,11 @@ type app struct {
 
 	// global holds what the global flags said; config resolves it.
 	global globalFlags
+	// retry bounds the retries of idempotent writes; zero: defaultRetry.
+	retry retryPolicy
+	// pollInitial is the first wait between polls of an unfinished
+	// execution; zero: the package's pollInitial.
+	pollInitial time.Duration
 }
 
 // isTerminal reports whether f is a character device (a terminal), as

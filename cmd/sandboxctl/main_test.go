@@ -651,7 +651,7 @@ func TestSessionsCreateAndRm(t *testing.T) {
 	f := newFakeAPI()
 	addr := f.serve(t)
 	r := runCLI(t, addr, invocation{}, "sessions", "create", "--template", "python-basic", "--memory-mib", "256",
-		"--cpu-millis", "500", "--pids", "64", "--disk-mib", "100", "--env", "A=1", "--label", "team=ml", "--idle-timeout", "60")
+		"--cpu-millis", "500", "--pids", "64", "--disk-mib", "100", "--env", "A=1", "--label", "team=ml", "--idle-timeout", "60", "--max-lifetime", "3600")
 	if r.code != 0 || r.stdout != "s-1\n" {
 		t.Fatalf("create: code %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
 	}
@@ -660,8 +660,17 @@ func TestSessionsCreateAndRm(t *testing.T) {
 	f.mu.Unlock()
 	l := req.GetResourceLimits()
 	if l.GetMemoryMib() != 256 || l.GetCpuMillis() != 500 || l.GetPids() != 64 || l.GetDiskMib() != 100 ||
-		req.GetEnv()["A"] != "1" || req.GetLabels()["team"] != "ml" || req.GetIdleTimeoutSeconds() != 60 {
+		req.GetEnv()["A"] != "1" || req.GetLabels()["team"] != "ml" || req.GetIdleTimeoutSeconds() != 60 ||
+		req.GetMaxLifetimeSeconds() != 3600 {
 		t.Errorf("request = %v", req)
+	}
+	r = runCLI(t, addr, invocation{}, "sessions", "get", "s-1")
+	if !strings.Contains(r.stdout, "Max lifetime: 3600s") {
+		t.Errorf("sessions get does not show the maximum lifetime:\n%s", r.stdout)
+	}
+	r = runCLI(t, addr, invocation{}, "sessions", "create", "--template", "python-basic", "--max-lifetime", "-1")
+	if r.code != exitUsage || !strings.Contains(r.stderr, "--max-lifetime must not be negative") {
+		t.Errorf("negative max lifetime: code %d, stderr %q", r.code, r.stderr)
 	}
 
 	r = runCLI(t, addr, invocation{}, "sessions", "rm", "s-1", "s-404")
@@ -724,14 +733,16 @@ func TestExecutionsAndTemplates(t *testing.T) {
 }
 
 func TestHelpOnEveryLevel(t *testing.T) {
-	var cases [][]string
-	cases = append(cases, []string{"-h"}, []string{"--help"})
-	for _, c := range commands() {
-		cases = append(cases, []string{c.name, "-h"})
-		for _, s := range c.sub {
-			cases = append(cases, []string{c.name, s.name, "-h"})
+	cases := [][]string{{"-h"}, {"--help"}}
+	var walk func(path []string, tree []*command)
+	walk = func(path []string, tree []*command) {
+		for _, c := range tree {
+			p := append(slices.Clone(path), c.name)
+			cases = append(cases, append(slices.Clone(p), "-h"))
+			walk(p, c.sub)
 		}
 	}
+	walk(nil, commands())
 	for _, args := range cases {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			r := runCLI(t, "http://127.0.0.1:1", invocation{}, args...)

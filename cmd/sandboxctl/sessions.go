@@ -18,6 +18,8 @@ func (a *app) cmdSessionsCreate(ctx context.Context, args []string) error {
 	pids := fs.Int("pids", 0, "maximum processes and threads (0: the template's default)")
 	disk := fs.Int64("disk-mib", 0, "size of /workspace in MiB (0: the template's default)")
 	idle := fs.Int("idle-timeout", 0, "seconds without an execution before the session ends (0: the server's default)")
+	maxLifetime := fs.Int("max-lifetime", 0, "`SECONDS` after creation at which the session ends, busy or not (0: the server's default)")
+	key := idempotencyKeyFlag(fs, "idempotency `KEY` of the request (default: a fresh random one); the same key never creates a second session")
 	env, labels := kvFlag{}, kvFlag{}
 	fs.Var(env, "env", "environment variable `K=V` of the session (repeatable)")
 	fs.Var(labels, "label", "label `K=V` (repeatable)")
@@ -26,14 +28,22 @@ func (a *app) cmdSessionsCreate(ctx context.Context, args []string) error {
 		"Creates a session and prints its id (the session with -o json) once it is running.", 0, 0); err != nil {
 		return err
 	}
-	if *template == "" {
+	switch {
+	case *template == "":
 		return usagef("sessions create: --template is required")
+	case *idle < 0:
+		return usagef("sessions create: --idle-timeout must not be negative")
+	case *maxLifetime < 0:
+		return usagef("sessions create: --max-lifetime must not be negative")
+	}
+	if *key == "" {
+		*key = newIdempotencyKey()
 	}
 	c, err := a.clients()
 	if err != nil {
 		return err
 	}
-	resp, err := c.sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{
+	resp, err := createSession(ctx, a, c, &sandboxv1.CreateSessionRequest{
 		TemplateId: *template,
 		ResourceLimits: &sandboxv1.ResourceLimits{
 			CpuMillis: int32(*cpu), MemoryMib: *memory, Pids: int32(*pids), DiskMib: *disk,
@@ -41,16 +51,30 @@ func (a *app) cmdSessionsCreate(ctx context.Context, args []string) error {
 		Env:                env,
 		Labels:             labels,
 		IdleTimeoutSeconds: int32(*idle),
-	}))
+		MaxLifetimeSeconds: int32(*maxLifetime),
+		IdempotencyKey:     *key,
+	})
 	if err != nil {
 		return err
 	}
-	s := resp.Msg.GetSession()
+	s := resp.GetSession()
 	if *format == formatJSON {
 		return a.printJSON(s)
 	}
 	_, err = fmt.Fprintln(a.stdout, s.GetId())
 	return err
+}
+
+// createSession calls CreateSession, retrying with the same idempotency key
+// (req must carry one) while the cluster is unreachable or between leaders.
+func createSession(ctx context.Context, a *app, c *clients, req *sandboxv1.CreateSessionRequest) (*sandboxv1.CreateSessionResponse, error) {
+	return withRetry(ctx, a, "create session", func(ctx context.Context) (*sandboxv1.CreateSessionResponse, error) {
+		resp, err := c.sessions.CreateSession(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	})
 }
 
 func (a *app) cmdSessionsGet(ctx context.Context, args []string) error {
@@ -84,11 +108,8 @@ func (a *app) cmdSessionsGet(ctx context.Context, args []string) error {
 	d.field("Last active", timestamp(a.now(), s.GetLastActiveAt()))
 	d.field("Ended", timestamp(a.now(), s.GetEndedAt()))
 	d.field("Limits", formatLimits(s.GetResourceLimits()))
-	if s.GetIdleTimeoutSeconds() > 0 {
-		d.field("Idle timeout", fmt.Sprintf("%ds", s.GetIdleTimeoutSeconds()))
-	} else {
-		d.field("Idle timeout", "")
-	}
+	d.field("Idle timeout", seconds(s.GetIdleTimeoutSeconds()))
+	d.field("Max lifetime", seconds(s.GetMaxLifetimeSeconds()))
 	d.field("Labels", formatMap(s.GetLabels()))
 	d.field("Env", formatMap(s.GetEnv()))
 	return d.flush()
@@ -179,4 +200,12 @@ func (a *app) cmdSessionsRm(ctx context.Context, args []string) error {
 		return &exitCodeError{code: exitError}
 	}
 	return nil
+}
+
+// seconds formats a positive number of seconds as "60s", others as blank.
+func seconds(n int32) string {
+	if n <= 0 {
+		return ""
+	}
+	return fmt.Sprintf("%ds", n)
 }
