@@ -8,7 +8,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 CMDS := sandbox-scheduler sandbox-agent sandbox-executor sandboxctl
 export CONTAINERD_ADDRESS ?= /run/containerd/containerd.sock
 
-.PHONY: all build generate lint test test-unit test-integration images up down bench bench-smoke clean
+.PHONY: all build generate lint test test-unit images up cluster down bench clean
 
 all: build
 
@@ -46,7 +46,11 @@ test-unit:
 up:
 	deploy/local/up.sh
 
-## down: stop what `make up` started
+## cluster: three servers (one Raft cluster) and two agents on loopback ports
+cluster:
+	deploy/local/cluster.sh
+
+## down: stop what `make up` or `make cluster` started
 down:
 	deploy/local/down.sh
 

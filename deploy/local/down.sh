@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 STATE=$PWD/.sandbox
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(sandbox-agent sandbox-scheduler)
+if [ ${#names[@]} -eq 0 ]; then
+	# Agents first (they destroy their containers), then servers.
+	for f in "$STATE"/sandbox-agent*.pid "$STATE"/sandbox-scheduler*.pid; do
+		[ -f "$f" ] && names+=("$(basename "$f" .pid)")
+	done
+fi
 for name in "${names[@]}"; do
 	pidf=$STATE/$name.pid
 	[ -f "$pidf" ] || continue

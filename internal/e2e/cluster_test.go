@@ -74,16 +74,23 @@ func freePort(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// cluster is one scheduler and one agent running as separate processes.
+// server is one sandbox-scheduler process.
+type server struct {
+	id                              string
+	apiAddr, internalAddr, raftAddr string
+	cmd                             *exec.Cmd
+}
+
+// cluster is scheduler servers and one agent running as separate processes.
 type cluster struct {
 	t            *testing.T
 	bin, dir     string
-	apiAddr      string
+	servers      []*server
+	apiAddr      string // the first server's, which the clients use
 	internalAddr string
-	raftAddr     string
 	agentAddr    string
 	agentID      string
-	scheduler    *exec.Cmd
+	containerd   string
 	agent        *exec.Cmd
 
 	sessions   sandboxv1connect.SessionServiceClient
@@ -106,7 +113,10 @@ func requireImages(t *testing.T, addr string, names ...string) {
 	}
 }
 
-func startCluster(t *testing.T) *cluster {
+func startCluster(t *testing.T) *cluster { return startServers(t, 1) }
+
+// startServers starts n servers (one Raft cluster) and one agent.
+func startServers(t *testing.T, n int) *cluster {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end test; -short skips it")
@@ -115,28 +125,37 @@ func startCluster(t *testing.T) *cluster {
 	testenv.RequireBinary(t, "bwrap")
 	requireImages(t, addr, "python-basic", "nodejs-basic")
 	c := &cluster{
-		t:            t,
-		bin:          binaries(t),
-		dir:          t.TempDir(),
-		apiAddr:      freePort(t),
-		internalAddr: freePort(t),
-		raftAddr:     freePort(t),
-		agentAddr:    freePort(t),
-		agentID:      fmt.Sprintf("e2e-%d", time.Now().UnixNano()),
+		t:          t,
+		bin:        binaries(t),
+		dir:        t.TempDir(),
+		agentAddr:  freePort(t),
+		agentID:    fmt.Sprintf("e2e-%d", time.Now().UnixNano()),
+		containerd: addr,
 	}
+	for i := range n {
+		c.servers = append(c.servers, &server{id: fmt.Sprintf("e2e-%d", i+1), apiAddr: freePort(t), internalAddr: freePort(t), raftAddr: freePort(t)})
+	}
+	c.apiAddr, c.internalAddr = c.servers[0].apiAddr, c.servers[0].internalAddr
 	must(t, os.WriteFile(filepath.Join(c.dir, "api-keys"), []byte("e2e "+apiKey+"\n"), 0o600))
 	must(t, os.WriteFile(filepath.Join(c.dir, "cluster-token"), []byte("e2e-cluster-token-0123456789\n"), 0o600))
-	c.startScheduler()
+	for _, srv := range c.servers {
+		c.startServer(srv)
+	}
 	c.startAgent(addr)
 	t.Cleanup(c.stop)
+	c.useServer(c.servers[0])
+	c.waitReady()
+	return c
+}
 
+// useServer points the clients at one server.
+func (c *cluster) useServer(srv *server) {
 	hc := api.NewH2CClient()
-	url := "http://" + c.apiAddr
+	url := "http://" + srv.apiAddr
+	c.apiAddr = srv.apiAddr
 	c.sessions = sandboxv1connect.NewSessionServiceClient(hc, url, api.WithBearer(apiKey))
 	c.executions = sandboxv1connect.NewExecutionServiceClient(hc, url, api.WithBearer(apiKey))
 	c.templates = sandboxv1connect.NewTemplateServiceClient(hc, url, api.WithBearer(apiKey))
-	c.waitReady()
-	return c
 }
 
 func must(t *testing.T, err error) {
@@ -152,28 +171,55 @@ func (c *cluster) logFile(name string) *os.File {
 	return f
 }
 
-func (c *cluster) startScheduler() {
-	cmd := exec.Command(filepath.Join(c.bin, "sandbox-scheduler"),
-		"--id", "e2e-1", "--data-dir", filepath.Join(c.dir, "scheduler"),
-		"--api-addr", c.apiAddr, "--internal-addr", c.internalAddr, "--raft-addr", c.raftAddr,
+func (c *cluster) startServer(srv *server) {
+	args := []string{"--id", srv.id, "--data-dir", filepath.Join(c.dir, srv.id),
+		"--api-addr", srv.apiAddr, "--internal-addr", srv.internalAddr, "--raft-addr", srv.raftAddr,
 		"--api-keys-file", filepath.Join(c.dir, "api-keys"), "--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
-		"--log-level", "debug")
-	cmd.Stdout = c.logFile("scheduler")
+		"--log-level", "debug"}
+	if len(c.servers) > 1 {
+		var peers []string
+		for _, o := range c.servers {
+			if o != srv {
+				peers = append(peers, o.internalAddr)
+			}
+		}
+		args = append(args, "--bootstrap-expect", fmt.Sprint(len(c.servers)), "--join", strings.Join(peers, ","))
+	}
+	cmd := exec.Command(filepath.Join(c.bin, "sandbox-scheduler"), args...)
+	cmd.Stdout = c.logFile(srv.id)
 	cmd.Stderr = cmd.Stdout
 	must(c.t, cmd.Start())
-	c.scheduler = cmd
+	srv.cmd = cmd
 }
 
 func (c *cluster) startAgent(containerdAddr string) {
 	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"),
 		"--id", c.agentID, "--data-dir", filepath.Join(c.dir, "agent"),
-		"--listen", c.agentAddr, "--server", "http://"+c.internalAddr,
+		"--listen", c.agentAddr, "--server", c.serverURLs(),
 		"--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
 		"--containerd-address", containerdAddr, "--log-level", "debug")
 	cmd.Stdout = c.logFile("agent")
 	cmd.Stderr = cmd.Stdout
 	must(c.t, cmd.Start())
 	c.agent = cmd
+}
+
+// serverURLs lists every server's internal URL, for the agent.
+func (c *cluster) serverURLs() string {
+	var urls []string
+	for _, srv := range c.servers {
+		urls = append(urls, "http://"+srv.internalAddr)
+	}
+	return strings.Join(urls, ",")
+}
+
+// kill9 kills a process the hard way and reaps it.
+func kill9(cmd *exec.Cmd) {
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
 }
 
 func stopProcess(cmd *exec.Cmd) {
@@ -193,9 +239,13 @@ func stopProcess(cmd *exec.Cmd) {
 
 func (c *cluster) stop() {
 	stopProcess(c.agent)
-	stopProcess(c.scheduler)
+	names := []string{"agent"}
+	for _, srv := range c.servers {
+		stopProcess(srv.cmd)
+		names = append(names, srv.id)
+	}
 	if c.t.Failed() {
-		for _, n := range []string{"scheduler", "agent"} {
+		for _, n := range names {
 			b, _ := os.ReadFile(filepath.Join(c.dir, n+".log"))
 			if len(b) > 20000 {
 				b = b[len(b)-20000:]
@@ -205,10 +255,10 @@ func (c *cluster) stop() {
 	}
 }
 
-// restartScheduler stops the scheduler process and starts it again on the same data.
+// restartScheduler stops the first server and starts it again on the same data.
 func (c *cluster) restartScheduler() {
-	stopProcess(c.scheduler)
-	c.startScheduler()
+	stopProcess(c.servers[0].cmd)
+	c.startServer(c.servers[0])
 	c.waitAPI()
 }
 

@@ -1,0 +1,90 @@
+# Shared by up.sh and cluster.sh: prepare the host, build, and start daemons.
+# Sourced from the repository root with ROOT, STATE and CONTAINERD_ADDRESS set.
+SECONDS=0
+step() { printf '==> [%3ds] %s\n' "$SECONDS" "$*"; }
+die() { printf 'make up: %s\n' "$*" >&2; exit 1; }
+
+prepare_host() {
+[ "$(id -u)" = 0 ] || die "needs root (containerd and the agent run as root): run sudo make up"
+command -v go >/dev/null || die "Go is not on PATH (Go 1.26 is needed to build)"
+
+# 1. System packages.
+source deploy/local/packages.sh
+missing=$(missing_packages)
+if [ -n "$missing" ]; then
+	step "installing: $missing"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# 2. Unprivileged user namespaces: bubblewrap needs them inside the sandbox.
+if ! setpriv --reuid=65534 --regid=65534 --clear-groups bwrap --ro-bind / / --unshare-all --dev /dev true 2>/dev/null; then
+	cat >&2 <<'MSG'
+make up: this host blocks unprivileged user namespaces, which bubblewrap needs
+inside every sandbox. To allow them:
+  sysctl -w kernel.apparmor_restrict_unprivileged_userns=0   # Ubuntu 23.10+ (AppArmor)
+  sysctl -w kernel.unprivileged_userns_clone=1               # older Debian/Ubuntu kernels
+  sysctl -w user.max_user_namespaces=15000                   # if it is 0
+Persist the setting in /etc/sysctl.d/ and run make up again.
+MSG
+	exit 1
+fi
+
+# 3. containerd.
+mkdir -p "$STATE/logs"
+if ! ctr -a "$CONTAINERD_ADDRESS" version >/dev/null 2>&1; then
+	step "starting containerd"
+	if [ -d /run/systemd/system ] && systemctl start containerd 2>/dev/null; then :; else
+		nohup containerd --address "$CONTAINERD_ADDRESS" >"$STATE/logs/containerd.log" 2>&1 &
+	fi
+	for _ in $(seq 100); do ctr -a "$CONTAINERD_ADDRESS" version >/dev/null 2>&1 && break; sleep 0.1; done
+	ctr -a "$CONTAINERD_ADDRESS" version >/dev/null 2>&1 || die "containerd did not start; see $STATE/logs/containerd.log"
+fi
+
+# 4. Build and images.
+step "building"
+make --no-print-directory build >/dev/null
+step "building images (cached after the first run)"
+images/build.sh bin/sandbox-executor
+
+# 5. Keys.
+umask 077
+newkey() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+[ -s "$STATE/api-key" ] || newkey >"$STATE/api-key"
+[ -s "$STATE/cluster-token" ] || newkey >"$STATE/cluster-token"
+printf 'dev %s\n' "$(cat "$STATE/api-key")" >"$STATE/api-keys"
+umask 022
+}
+
+start() { # name, then the command
+	local name=$1; shift
+	local pidf=$STATE/$name.pid
+	if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+		if [ "$1" -nt "$pidf" ]; then
+			step "restarting $name (new binary)"
+			deploy/local/down.sh "$name" >/dev/null
+		else
+			step "$name already running (pid $(cat "$pidf"))"
+			return
+		fi
+	fi
+	step "starting $name"
+	nohup "$@" >>"$STATE/logs/$name.log" 2>&1 &
+	echo $! >"$pidf"
+}
+
+# wait_ready runs the sample execution until it works (the cluster is then
+# healthy: the API answers, a leader exists and an agent has registered).
+wait_ready() {
+	step "waiting for the cluster"
+	export SANDBOX_ADDR=${SANDBOX_ADDR:-http://127.0.0.1:7400} SANDBOX_API_KEY=$(cat "$STATE/api-key")
+	local ok= out=
+	for _ in $(seq 300); do
+		if out=$(bin/sandboxctl exec --template python-basic -c 'print("hello from a sandbox:", 6*7)' 2>&1); then ok=1; break; fi
+		sleep 0.2
+	done
+	[ -n "$ok" ] || die "the cluster did not become healthy: $out
+logs: $STATE/logs/"
+	step "sample execution:"
+	echo "    $out"
+}

@@ -1,0 +1,195 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/sandboxhq/sandbox/api"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/api/gen/sandbox/v1/sandboxv1connect"
+)
+
+func (c *cluster) clusterClient(srv *server) sandboxv1connect.ClusterServiceClient {
+	return sandboxv1connect.NewClusterServiceClient(api.NewH2CClient(), "http://"+srv.apiAddr, api.WithBearer(apiKey))
+}
+
+// leader waits until the live servers agree on a leader and returns it.
+func (c *cluster) leader(t *testing.T, live []*server) *server {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var id string
+		agree := true
+		for _, srv := range live {
+			req := connect.NewRequest(&sandboxv1.GetClusterStatusRequest{})
+			req.Header().Set("Sandbox-Read-Consistency", "stale")
+			st, err := c.clusterClient(srv).GetClusterStatus(context.Background(), req)
+			if err != nil || st.Msg.GetLeaderId() == "" || (id != "" && st.Msg.GetLeaderId() != id) {
+				agree = false
+				break
+			}
+			id = st.Msg.GetLeaderId()
+		}
+		if agree {
+			for _, srv := range live {
+				if srv.id == id {
+					return srv
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("servers do not agree on a leader among %d live ones", len(live))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// retryUnavailable retries a call that failed with unavailable (a leader
+// change) for up to 30 s; the idempotency key makes the retry safe.
+func retryUnavailable[T any](call func() (T, error)) (T, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		v, err := call()
+		if err == nil || connect.CodeOf(err) != connect.CodeUnavailable || time.Now().After(deadline) {
+			return v, err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestCluster runs three servers as separate processes: any server answers,
+// writes survive the leader's kill -9, and retried writes are not applied twice.
+func TestCluster(t *testing.T) {
+	c := startServers(t, 3)
+	ctx := context.Background()
+
+	t.Run("every server answers and agrees on the leader", func(t *testing.T) {
+		lead := c.leader(t, c.servers)
+		st, err := c.clusterClient(c.servers[2]).GetClusterStatus(ctx, connect.NewRequest(&sandboxv1.GetClusterStatusRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Msg.GetServers()) != 3 || st.Msg.GetLeaderId() != lead.id {
+			t.Fatalf("status %v", st.Msg)
+		}
+		for _, srv := range c.servers {
+			c.useServer(srv)
+			out, errs, code := c.ctl("", "--addr", "http://"+srv.apiAddr, "exec", "--template", "python-basic", "-c", "print(6*7)")
+			if out != "42\n" || code != 0 {
+				t.Fatalf("exec through %s: %q %q %d", srv.id, out, errs, code)
+			}
+		}
+	})
+
+	t.Run("an idempotency key makes a retried create return the same session", func(t *testing.T) {
+		c.useServer(c.servers[1])
+		req := &sandboxv1.CreateSessionRequest{TemplateId: "python-basic", IdempotencyKey: "e2e-key-1"}
+		a := c.createSession(req)
+		c.useServer(c.servers[2])
+		b := c.createSession(req)
+		if a.GetId() != b.GetId() {
+			t.Fatalf("two sessions for one key: %s and %s", a.GetId(), b.GetId())
+		}
+		c.terminate(a.GetId())
+	})
+
+	t.Run("acknowledged executions survive the leader's kill -9", func(t *testing.T) {
+		lead := c.leader(t, c.servers)
+		var others []*server
+		for _, srv := range c.servers {
+			if srv != lead {
+				others = append(others, srv)
+			}
+		}
+		c.useServer(others[0])
+		sess := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
+		client := sandboxv1connect.NewExecutionServiceClient(api.NewH2CClient(), "http://"+others[1].apiAddr, api.WithBearer(apiKey))
+
+		var mu sync.Mutex
+		acked := map[string]string{} // idempotency key -> execution id
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				key := fmt.Sprintf("load-%d", i)
+				resp, err := retryUnavailable(func() (*connect.Response[sandboxv1.ExecuteResponse], error) {
+					return client.Execute(ctx, connect.NewRequest(&sandboxv1.ExecuteRequest{
+						SessionId: sess.GetId(), Language: "python", Code: fmt.Sprintf("print(%d)", i), IdempotencyKey: key,
+					}))
+				})
+				if err != nil {
+					t.Errorf("execution %d: %v", i, err)
+					return
+				}
+				mu.Lock()
+				acked[key] = resp.Msg.GetExecution().GetId()
+				mu.Unlock()
+			}
+		}()
+		time.Sleep(time.Second)
+		kill9(lead.cmd)
+		newLead := c.leader(t, others)
+		time.Sleep(2 * time.Second)
+		close(stop)
+		wg.Wait()
+		if t.Failed() {
+			return
+		}
+		t.Logf("new leader %s; %d executions acknowledged", newLead.id, len(acked))
+
+		list, err := sandboxv1connect.NewExecutionServiceClient(api.NewH2CClient(), "http://"+newLead.apiAddr, api.WithBearer(apiKey)).
+			ListExecutions(ctx, connect.NewRequest(&sandboxv1.ListExecutionsRequest{SessionId: sess.GetId(), PageSize: 1000}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		byID := map[string]*sandboxv1.Execution{}
+		for _, e := range list.Msg.GetExecutions() {
+			byID[e.GetId()] = e
+		}
+		for key, id := range acked {
+			e, ok := byID[id]
+			if !ok {
+				t.Errorf("acknowledged execution %s (%s) is lost", id, key)
+				continue
+			}
+			if e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_COMPLETED {
+				t.Errorf("acknowledged execution %s is %v", id, e.GetState())
+			}
+		}
+		if len(byID) != len(acked) {
+			t.Errorf("%d executions recorded for %d acknowledged requests (a retry ran twice?)", len(byID), len(acked))
+		}
+
+		// The killed server comes back with its state and rejoins.
+		c.startServer(lead)
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			st, err := c.clusterClient(newLead).GetClusterStatus(ctx, connect.NewRequest(&sandboxv1.GetClusterStatusRequest{}))
+			if err == nil && len(st.Msg.GetServers()) == 3 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("cluster status after the old leader restarted: %v %v", st, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		c.useServer(lead)
+		c.waitAPI()
+		if _, err := c.executions.GetExecution(ctx, connect.NewRequest(&sandboxv1.GetExecutionRequest{ExecutionId: acked["load-0"]})); err != nil {
+			t.Fatalf("the restarted server cannot answer: %v", err)
+		}
+		c.terminate(sess.GetId())
+	})
+}
