@@ -329,7 +329,7 @@ func (s *Scheduler) RestoreSnapshot(ctx context.Context, data []byte) error {
 	if err := proto.Unmarshal(data, &snap); err != nil || len(data) == 0 {
 		return fmt.Errorf("%w: the data is not a snapshot saved by this platform", sandbox.ErrInvalidArgument)
 	}
-	if err := s.raft.Restore(ctx, bytes.NewReader(data)); err != nil {
+	if err := s.raft.Restore(ctx, bytes.NewReader(data), int64(len(data))); err != nil {
 		return err
 	}
 	s.log.Warn("state restored from a snapshot", "templates", len(snap.GetTemplates()), "sessions", len(snap.GetSessions()), "executions", len(snap.GetExecutions()))

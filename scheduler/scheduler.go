@@ -90,7 +90,7 @@ type Raft interface {
 	RemoveServer(ctx context.Context, id string) error
 	Servers() ([]raft.Server, error)
 	Snapshot() (io.ReadCloser, error)
-	Restore(ctx context.Context, r io.Reader) error
+	Restore(ctx context.Context, r io.Reader, size int64) error
 	HadState() bool
 }
 

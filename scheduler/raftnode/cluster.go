@@ -93,10 +93,11 @@ func (n *Node) Snapshot() (io.ReadCloser, error) {
 	return rc, nil
 }
 
-// Restore replaces the cluster's state with a snapshot taken by Snapshot.
+// Restore replaces the cluster's state with a snapshot taken by Snapshot,
+// size bytes long.
 // It must run on the leader; followers catch up from it.
-func (n *Node) Restore(ctx context.Context, r io.Reader) error {
-	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax}
+func (n *Node) Restore(ctx context.Context, r io.Reader, size int64) error {
+	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax, Size: size}
 	if err := n.raft.Restore(meta, r, timeoutOf(ctx)); err != nil {
 		return n.wrap("restore snapshot", err)
 	}
