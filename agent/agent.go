@@ -51,7 +51,9 @@ import (
 	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/agent/state"
 	"github.com/sandboxhq/sandbox/api"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
+	"github.com/sandboxhq/sandbox/internal/membership"
 )
 
 // Config configures an Agent.
@@ -64,6 +66,9 @@ type Config struct {
 	ListenAddr string
 	// AdvertiseAddr is the host:port servers use to reach this agent; ListenAddr when empty.
 	AdvertiseAddr string
+	// Gossip, when set, makes the agent a member of the servers' gossip mesh,
+	// which is how they learn that it died.
+	Gossip *membership.Config
 	// ServerURL is the base URL of a scheduler's internal ControlPlaneService,
 	// or several, comma-separated: the agent fails over between them.
 	ServerURL string
@@ -316,6 +321,21 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.registerLoop(a.baseCtx, addr, bootID)
 	}()
 
+	if a.cfg.Gossip != nil {
+		mesh, err := a.joinMesh(addr, bootID)
+		if err != nil {
+			_ = srv.Close()
+			return fmt.Errorf("agent %s: gossip: %w", a.cfg.ID, err)
+		}
+		defer func() {
+			// Leave on purpose, so the servers see LEFT rather than a failure.
+			if err := mesh.Leave(2 * time.Second); err != nil {
+				a.log.Warn("leaving the gossip mesh", "err", err)
+			}
+			_ = mesh.Shutdown()
+		}()
+	}
+
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -362,4 +382,23 @@ func (a *Agent) shutdown() {
 		}
 		a.log.Info("agent stopped")
 	})
+}
+
+// joinMesh joins the gossip mesh, advertising what the servers need to know
+// about this agent.
+func (a *Agent) joinMesh(addr, bootID string) (*membership.Mesh, error) {
+	cfg := *a.cfg.Gossip
+	cfg.Name = a.cfg.ID
+	cfg.Logger = a.log.With("component", "gossip")
+	cfg.Meta = func() *agentv1.NodeMeta {
+		return &agentv1.NodeMeta{
+			Role:      agentv1.NodeMeta_ROLE_AGENT,
+			Id:        a.cfg.ID,
+			Address:   addr,
+			CpuMillis: a.cfg.CPUMillis,
+			MemoryMib: a.cfg.MemoryMiB,
+			BootId:    bootID,
+		}
+	}
+	return membership.New(a.baseCtx, cfg)
 }

@@ -197,6 +197,7 @@ func (s *Scheduler) reportSessionExit(ctx context.Context, req *agentv1.ReportSe
 // report declared LOST, and ended sessions past retention purged.
 func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 	defer s.purge(ctx, now)
+	s.sweepAgents(ctx, now)
 	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
 		st := sandbox.SessionState(x.GetState())
 		return st == sandbox.SessionRunning || st == sandbox.SessionTerminating
@@ -226,12 +227,16 @@ func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 			s.log.Warn("idle session stop", "session", sess.GetId(), "err", err)
 		}
 	}
+	stuck := map[string]bool{} // agents holding executions that may never have been handed over
 	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
 		return sandbox.SessionState(x.GetState()) == sandbox.SessionRunning
 	}) {
 		for _, e := range s.fsm.ExecutionsBySession(sess.GetId()) {
 			if terminal(e) {
 				continue
+			}
+			if e.GetState() == sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED && now.Sub(e.GetCreatedAt().AsTime()) >= redispatchAfter {
+				stuck[sess.GetAgentId()] = true
 			}
 			deadline := e.GetCreatedAt().AsTime().Add(time.Duration(e.GetTimeoutSeconds())*time.Second + s.cfg.ExecutionGrace)
 			if now.Before(deadline) {
@@ -243,6 +248,15 @@ func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 			}})
 			if err := ignoreStale(err); err != nil && !errors.Is(err, context.Canceled) {
 				s.log.Warn("marking execution lost", "execution", e.GetId(), "err", err)
+			}
+		}
+	}
+	// A QUEUED execution whose leader died before handing it over waits for
+	// nobody: ask its agent what it holds and hand over what it lacks.
+	for id := range stuck {
+		if a, ok := s.fsm.Agent(id); ok {
+			if err := s.reconcileAgent(ctx, a); err != nil {
+				s.log.Warn("reconcile agent with queued executions", "agent", id, "err", err)
 			}
 		}
 	}

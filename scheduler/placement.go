@@ -68,11 +68,14 @@ func (s *Scheduler) place(l sandbox.Limits) (*statev1.Agent, error) {
 	return pickAgent(cands, l)
 }
 
-// agentAlive reports whether the agent has not gone silent on this server.
-// An agent this server has not heard from yet (it just became the leader)
-// counts as alive: the replicated state says READY, and failure detection
-// is the gossip mesh's job.
+// agentAlive reports whether the gossip mesh sees the agent alive; without a
+// mesh, whether the agent has not gone silent on this server (one this
+// server has not heard from yet counts as alive: the replicated state says
+// READY).
 func (s *Scheduler) agentAlive(id string, now time.Time) bool {
+	if s.cfg.Mesh != nil {
+		return s.meshAlive(id)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	seen, ok := s.agentSeen[id]

@@ -19,7 +19,7 @@ import (
 // redispatchAfter is how long a QUEUED execution the agent does not hold may
 // wait before the leader hands it over again (it never started, so a retry
 // cannot run it twice; the executor also refuses a known execution id).
-const redispatchAfter = 10 * time.Second
+const redispatchAfter = 3 * time.Second
 
 // reconcileAll compares every live agent with the replicated state.
 func (s *Scheduler) reconcileAll(ctx context.Context) {

@@ -57,6 +57,11 @@ type Config struct {
 	// runs with the replicated state (besides after each leader change and
 	// agent restart).
 	ReconcileInterval time.Duration
+	// Mesh, when set, is the gossip mesh that tells which agents are alive.
+	Mesh Mesh
+	// AgentDeadGrace is how long an agent may be missing from the mesh
+	// before its sessions are declared LOST.
+	AgentDeadGrace time.Duration
 	// Self describes this server: id and its Raft, API and internal addresses.
 	Self     *sandboxv1.Server
 	Logger   *slog.Logger
@@ -73,6 +78,7 @@ func DefaultConfig() Config {
 		DefaultMaxLifetime:   24 * time.Hour,
 		Retention:            24 * time.Hour,
 		ReconcileInterval:    30 * time.Second,
+		AgentDeadGrace:       5 * time.Second,
 		Logger:               slog.Default(),
 	}
 }
@@ -108,6 +114,10 @@ type Scheduler struct {
 	// agentSeen records when each agent last registered with this server.
 	agentSeen map[string]time.Time
 
+	// agentDown records since when the mesh has not seen each agent alive.
+	agentDown map[string]time.Time
+	started   time.Time
+
 	proxiesMu sync.Mutex
 	proxies   map[string]*httputil.ReverseProxy
 }
@@ -126,6 +136,8 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		heartbeats: make(map[string]time.Time),
 		agentSeen:  make(map[string]time.Time),
 		proxies:    make(map[string]*httputil.ReverseProxy),
+		agentDown:  make(map[string]time.Time),
+		started:    time.Now(),
 	}
 	if s.cfg.Self == nil {
 		s.cfg.Self = &sandboxv1.Server{Id: "local"}

@@ -9,8 +9,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/sandboxhq/sandbox/agent"
 	"github.com/sandboxhq/sandbox/agent/runtime/containerd"
+	"github.com/sandboxhq/sandbox/internal/membership"
 )
 
 func main() {
@@ -41,6 +44,8 @@ func run() error {
 		containerdAddr   = flag.String("containerd-address", containerd.DefaultConfig().Address, "containerd socket")
 		cpuMillis        = flag.Int("cpu-millis", int(def.CPUMillis), "CPU capacity offered to sessions, in thousandths of a core")
 		memoryMiB        = flag.Int64("memory-mib", def.MemoryMiB, "memory capacity offered to sessions, in MiB")
+		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7501", "gossip (memberlist) bind address; keep it stable across restarts so a restarted agent is recognised at once")
+		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of servers; empty: no gossip (servers then only see registrations)")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error (also passed to executors)")
 	)
 	flag.Parse()
@@ -90,6 +95,25 @@ func run() error {
 	cfg.ExecutorLogLevel = *logLevel
 	cfg.Logger = logger
 	cfg.Registry = reg
+	if *gossipJoin != "" {
+		host, port, err := net.SplitHostPort(*gossipAddr)
+		if err != nil {
+			return fmt.Errorf("--gossip-addr %q: %w", *gossipAddr, err)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil {
+			return fmt.Errorf("--gossip-addr %q: %w", *gossipAddr, err)
+		}
+		g := membership.DefaultConfig()
+		g.BindAddr, g.BindPort = host, p
+		for _, j := range strings.Split(*gossipJoin, ",") {
+			if j = strings.TrimSpace(j); j != "" {
+				g.Join = append(g.Join, j)
+			}
+		}
+		g.SecretKey = membership.KeyFromToken(token)
+		cfg.Gossip = &g
+	}
 	a, err := agent.New(cfg)
 	if err != nil {
 		return err

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -21,7 +22,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sandboxhq/sandbox/api"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/internal/membership"
 	"github.com/sandboxhq/sandbox/scheduler"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
 	"github.com/sandboxhq/sandbox/scheduler/raftnode"
@@ -50,6 +53,8 @@ func run() error {
 		heartbeat        = flag.Duration("raft-heartbeat-timeout", raftnode.DefaultConfig().HeartbeatTimeout, "Raft heartbeat timeout")
 		election         = flag.Duration("raft-election-timeout", raftnode.DefaultConfig().ElectionTimeout, "Raft election timeout")
 		retention        = flag.Duration("retention", scheduler.DefaultConfig().Retention, "how long ended sessions and their executions are kept")
+		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7500", "gossip (memberlist) bind address; agents join it")
+		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of other servers")
 		maxLifetime      = flag.Duration("default-max-lifetime", scheduler.DefaultConfig().DefaultMaxLifetime, "maximum lifetime of sessions that ask for none")
 	)
 	flag.Parse()
@@ -72,6 +77,9 @@ func run() error {
 	if err := os.MkdirAll(*dataDir, 0o700); err != nil {
 		return err
 	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -98,20 +106,21 @@ func run() error {
 	scfg.Retention = *retention
 	scfg.DefaultMaxLifetime = *maxLifetime
 	scfg.Self = &sandboxv1.Server{Id: *id, Address: *raftAddr, ApiAddress: *apiAddr, InternalAddress: *internalAddr}
-	sched := scheduler.New(scfg, state, node)
-	var peers []string
-	for _, p := range strings.Split(*join, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			peers = append(peers, p)
-		}
+	mesh, err := joinMesh(ctx, logger, *gossipAddr, *gossipJoin, token, scfg.Self)
+	if err != nil {
+		return err
 	}
+	defer func() {
+		_ = mesh.Leave(2 * time.Second)
+		_ = mesh.Shutdown()
+	}()
+	scfg.Mesh = mesh
+	sched := scheduler.New(scfg, state, node)
+	peers := splitList(*join)
 	expect := *bootstrapExpect
 	if expect == 0 && len(peers) == 0 {
 		expect = 1
 	}
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 
 	pub := api.NewServer(*apiAddr, sched.Forward(api.NewHandler(api.Config{Backend: sched, Cluster: sched, Keys: keys, Logger: logger, Registry: reg}), scheduler.PublicPort))
 	internal := api.NewServer(*internalAddr, sched.Forward(sched.ControlPlaneHandler(), scheduler.InternalPort))
@@ -164,4 +173,38 @@ func readToken(path string) (string, error) {
 		return "", fmt.Errorf("cluster token in %s is shorter than 16 characters", path)
 	}
 	return t, nil
+}
+
+// joinMesh joins the gossip mesh as a server. Gossip is encrypted with a key
+// derived from the cluster token, so only holders of the token take part.
+func joinMesh(ctx context.Context, logger *slog.Logger, bind, join, token string, self *sandboxv1.Server) (*membership.Mesh, error) {
+	host, port, err := net.SplitHostPort(bind)
+	if err != nil {
+		return nil, fmt.Errorf("--gossip-addr %q: %w", bind, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		return nil, fmt.Errorf("--gossip-addr %q: %w", bind, err)
+	}
+	cfg := membership.DefaultConfig()
+	cfg.Name = self.GetId()
+	cfg.BindAddr, cfg.BindPort = host, p
+	cfg.Join = splitList(join)
+	cfg.SecretKey = membership.KeyFromToken(token)
+	cfg.Logger = logger.With("component", "gossip")
+	cfg.Meta = func() *agentv1.NodeMeta {
+		return &agentv1.NodeMeta{Role: agentv1.NodeMeta_ROLE_SERVER, Id: self.GetId(), Address: self.GetInternalAddress(),
+			ApiAddress: self.GetApiAddress(), RaftAddress: self.GetAddress()}
+	}
+	return membership.New(ctx, cfg)
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }

@@ -3,11 +3,11 @@
 # this machine, on distinct loopback ports, state under .sandbox/cluster/.
 # make down stops them.
 #
-#   server  API             internal        Raft
-#   s1      127.0.0.1:7400  127.0.0.1:7401  127.0.0.1:7300
-#   s2      127.0.0.1:7410  127.0.0.1:7411  127.0.0.1:7310
-#   s3      127.0.0.1:7420  127.0.0.1:7421  127.0.0.1:7320
-#   agents  a1 on 127.0.0.1:7402 (reporting to s1), a2 on 127.0.0.1:7412 (to s2)
+#   server  API             internal        Raft            gossip
+#   s1      127.0.0.1:7400  127.0.0.1:7401  127.0.0.1:7300  127.0.0.1:7500
+#   s2      127.0.0.1:7410  127.0.0.1:7411  127.0.0.1:7310  127.0.0.1:7510
+#   s3      127.0.0.1:7420  127.0.0.1:7421  127.0.0.1:7320  127.0.0.1:7520
+#   agent   a1 on 127.0.0.1:7402 (gossip 7502), a2 on 127.0.0.1:7412 (gossip 7512)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -22,17 +22,20 @@ prepare_host
 C=$STATE/cluster
 mkdir -p "$C"
 peers=127.0.0.1:7401,127.0.0.1:7411,127.0.0.1:7421
+gossip=127.0.0.1:7500,127.0.0.1:7510,127.0.0.1:7520
+servers=http://127.0.0.1:7401,http://127.0.0.1:7411,http://127.0.0.1:7421
 for i in 1 2 3; do
 	port=$((7400 + (i - 1) * 10))
 	start "sandbox-scheduler-s$i" bin/sandbox-scheduler --id "s$i" --data-dir "$C/s$i" \
 		--api-addr "127.0.0.1:$port" --internal-addr "127.0.0.1:$((port + 1))" --raft-addr "127.0.0.1:$((port - 100))" \
-		--bootstrap-expect 3 --join "$peers" \
+		--gossip-addr "127.0.0.1:$((port + 100))" --bootstrap-expect 3 --join "$peers" --gossip-join "$gossip" \
 		--api-keys-file "$STATE/api-keys" --cluster-token-file "$STATE/cluster-token"
 done
 for i in 1 2; do
 	port=$((7402 + (i - 1) * 10))
 	start "sandbox-agent-a$i" bin/sandbox-agent --id "local-agent-a$i" --data-dir "$C/a$i" \
-		--listen "127.0.0.1:$port" --server "http://127.0.0.1:$((port - 1))" \
+		--listen "127.0.0.1:$port" --server "$servers" \
+		--gossip-addr "127.0.0.1:$((port + 100))" --gossip-join "$gossip" \
 		--cluster-token-file "$STATE/cluster-token" --containerd-address "$CONTAINERD_ADDRESS"
 done
 wait_ready

@@ -16,6 +16,7 @@ start sandbox-scheduler bin/sandbox-scheduler --id local-1 --data-dir "$STATE/sc
 	--api-keys-file "$STATE/api-keys" --cluster-token-file "$STATE/cluster-token"
 start sandbox-agent bin/sandbox-agent --id local-agent-1 --data-dir "$STATE/agent" \
 	--listen 127.0.0.1:7402 --server http://127.0.0.1:7401 \
+	--gossip-addr 127.0.0.1:7501 --gossip-join 127.0.0.1:7500 \
 	--cluster-token-file "$STATE/cluster-token" --containerd-address "$CONTAINERD_ADDRESS"
 
 wait_ready

@@ -98,6 +98,36 @@ func TestCluster(t *testing.T) {
 		c.terminate(a.GetId())
 	})
 
+	t.Run("an agent killed -9 and started again keeps its sessions", func(t *testing.T) {
+		c.useServer(c.servers[0])
+		sess := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
+		e := c.execute(&sandboxv1.ExecuteRequest{SessionId: sess.GetId(), Language: "python", Code: "open('/workspace/state','w').write('kept')"})
+		if e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_COMPLETED {
+			t.Fatalf("setup execution %v", e)
+		}
+		kill9(c.agent)
+		c.startAgent(c.containerd)
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			resp, err := c.executions.Execute(ctx, connect.NewRequest(&sandboxv1.ExecuteRequest{SessionId: sess.GetId(), Language: "python", Code: "print(open('/workspace/state').read())"}))
+			if err == nil && resp.Msg.GetExecution().GetStdout() == "kept\n" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the session did not survive its agent's restart: %v %v", resp, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		got, err := c.sessions.GetSession(ctx, connect.NewRequest(&sandboxv1.GetSessionRequest{SessionId: sess.GetId()}))
+		if err != nil || got.Msg.GetSession().GetState() != sandboxv1.SessionState_SESSION_STATE_RUNNING {
+			t.Fatalf("session after the agent restart: %v %v", got, err)
+		}
+		if ids := containersOf(t, sess.GetId()); len(ids) != 2 { // the container and its task, once
+			t.Fatalf("containers of the session after restart: %v", ids)
+		}
+		c.terminate(sess.GetId())
+	})
+
 	t.Run("acknowledged executions survive the leader's kill -9", func(t *testing.T) {
 		lead := c.leader(t, c.servers)
 		var others []*server
@@ -192,4 +222,51 @@ func TestCluster(t *testing.T) {
 		}
 		c.terminate(sess.GetId())
 	})
+
+	t.Run("a dead agent's sessions end LOST with a reason", func(t *testing.T) {
+		c.useServer(c.leader(t, liveServers(c)))
+		sess := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
+		exec := c.execute(&sandboxv1.ExecuteRequest{SessionId: sess.GetId(), Language: "python", Code: "import time; time.sleep(300)", Async: true})
+		kill9(c.agent)
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			got, err := c.sessions.GetSession(ctx, connect.NewRequest(&sandboxv1.GetSessionRequest{SessionId: sess.GetId()}))
+			if err == nil && got.Msg.GetSession().GetState() == sandboxv1.SessionState_SESSION_STATE_LOST {
+				if got.Msg.GetSession().GetStateReason() == "" {
+					t.Error("LOST without a reason")
+				}
+				t.Logf("LOST: %s", got.Msg.GetSession().GetStateReason())
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("session of a dead agent: %v %v", got, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		e, err := c.executions.GetExecution(ctx, connect.NewRequest(&sandboxv1.GetExecutionRequest{ExecutionId: exec.GetId()}))
+		if err != nil || e.Msg.GetExecution().GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_LOST {
+			t.Fatalf("execution of a dead agent: %v %v", e, err)
+		}
+		// The agent comes back, re-adopts the container, learns its session
+		// is gone and removes it.
+		c.startAgent(c.containerd)
+		deadline = time.Now().Add(60 * time.Second)
+		for len(containersOf(t, sess.GetId())) != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("the LOST session's container is still there: %v", containersOf(t, sess.GetId()))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+}
+
+// liveServers are the servers whose process runs.
+func liveServers(c *cluster) []*server {
+	var out []*server
+	for _, srv := range c.servers {
+		if srv.cmd != nil && srv.cmd.ProcessState == nil {
+			out = append(out, srv)
+		}
+	}
+	return out
 }

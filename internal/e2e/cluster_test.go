@@ -76,9 +76,9 @@ func freePort(t *testing.T) string {
 
 // server is one sandbox-scheduler process.
 type server struct {
-	id                              string
-	apiAddr, internalAddr, raftAddr string
-	cmd                             *exec.Cmd
+	id                                          string
+	apiAddr, internalAddr, raftAddr, gossipAddr string
+	cmd                                         *exec.Cmd
 }
 
 // cluster is scheduler servers and one agent running as separate processes.
@@ -89,6 +89,7 @@ type cluster struct {
 	apiAddr      string // the first server's, which the clients use
 	internalAddr string
 	agentAddr    string
+	agentGossip  string
 	agentID      string
 	containerd   string
 	agent        *exec.Cmd
@@ -125,15 +126,16 @@ func startServers(t *testing.T, n int) *cluster {
 	testenv.RequireBinary(t, "bwrap")
 	requireImages(t, addr, "python-basic", "nodejs-basic")
 	c := &cluster{
-		t:          t,
-		bin:        binaries(t),
-		dir:        t.TempDir(),
-		agentAddr:  freePort(t),
-		agentID:    fmt.Sprintf("e2e-%d", time.Now().UnixNano()),
-		containerd: addr,
+		t:           t,
+		bin:         binaries(t),
+		dir:         t.TempDir(),
+		agentAddr:   freePort(t),
+		agentGossip: freePort(t),
+		agentID:     fmt.Sprintf("e2e-%d", time.Now().UnixNano()),
+		containerd:  addr,
 	}
 	for i := range n {
-		c.servers = append(c.servers, &server{id: fmt.Sprintf("e2e-%d", i+1), apiAddr: freePort(t), internalAddr: freePort(t), raftAddr: freePort(t)})
+		c.servers = append(c.servers, &server{id: fmt.Sprintf("e2e-%d", i+1), apiAddr: freePort(t), internalAddr: freePort(t), raftAddr: freePort(t), gossipAddr: freePort(t)})
 	}
 	c.apiAddr, c.internalAddr = c.servers[0].apiAddr, c.servers[0].internalAddr
 	must(t, os.WriteFile(filepath.Join(c.dir, "api-keys"), []byte("e2e "+apiKey+"\n"), 0o600))
@@ -175,15 +177,17 @@ func (c *cluster) startServer(srv *server) {
 	args := []string{"--id", srv.id, "--data-dir", filepath.Join(c.dir, srv.id),
 		"--api-addr", srv.apiAddr, "--internal-addr", srv.internalAddr, "--raft-addr", srv.raftAddr,
 		"--api-keys-file", filepath.Join(c.dir, "api-keys"), "--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
-		"--log-level", "debug"}
+		"--gossip-addr", srv.gossipAddr, "--log-level", "debug"}
 	if len(c.servers) > 1 {
-		var peers []string
+		var peers, gossip []string
 		for _, o := range c.servers {
 			if o != srv {
 				peers = append(peers, o.internalAddr)
+				gossip = append(gossip, o.gossipAddr)
 			}
 		}
-		args = append(args, "--bootstrap-expect", fmt.Sprint(len(c.servers)), "--join", strings.Join(peers, ","))
+		args = append(args, "--bootstrap-expect", fmt.Sprint(len(c.servers)), "--join", strings.Join(peers, ","),
+			"--gossip-join", strings.Join(gossip, ","))
 	}
 	cmd := exec.Command(filepath.Join(c.bin, "sandbox-scheduler"), args...)
 	cmd.Stdout = c.logFile(srv.id)
@@ -195,7 +199,7 @@ func (c *cluster) startServer(srv *server) {
 func (c *cluster) startAgent(containerdAddr string) {
 	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"),
 		"--id", c.agentID, "--data-dir", filepath.Join(c.dir, "agent"),
-		"--listen", c.agentAddr, "--server", c.serverURLs(),
+		"--listen", c.agentAddr, "--server", c.serverURLs(), "--gossip-join", c.gossipAddrs(), "--gossip-addr", c.agentGossip,
 		"--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
 		"--containerd-address", containerdAddr, "--log-level", "debug")
 	cmd.Stdout = c.logFile("agent")
@@ -211,6 +215,15 @@ func (c *cluster) serverURLs() string {
 		urls = append(urls, "http://"+srv.internalAddr)
 	}
 	return strings.Join(urls, ",")
+}
+
+// gossipAddrs lists every server's gossip address, for the agent.
+func (c *cluster) gossipAddrs() string {
+	var out []string
+	for _, srv := range c.servers {
+		out = append(out, srv.gossipAddr)
+	}
+	return strings.Join(out, ",")
 }
 
 // kill9 kills a process the hard way and reaps it.

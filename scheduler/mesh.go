@@ -1,0 +1,94 @@
+package scheduler
+
+import (
+	"context"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
+	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/internal/membership"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
+)
+
+// Mesh is the scheduler's view of the gossip mesh (membership.Mesh).
+type Mesh interface {
+	Members() []membership.Member
+}
+
+// meshAgents returns the mesh's state of every agent member by agent id.
+func (s *Scheduler) meshAgents() map[string]membership.Member {
+	out := map[string]membership.Member{}
+	for _, m := range s.cfg.Mesh.Members() {
+		if m.Meta.GetRole() == agentv1.NodeMeta_ROLE_AGENT {
+			out[m.Meta.GetId()] = m
+		}
+	}
+	return out
+}
+
+// sweepAgents (leader only) turns the mesh's verdicts into replicated state.
+// An agent the mesh reports failed, left or unknown for longer than
+// AgentDeadGrace is committed DEAD or LEFT and its sessions and unfinished
+// executions LOST. The grace lets an agent that is restarted at once (kill -9,
+// then start) come back and re-adopt its containers instead.
+func (s *Scheduler) sweepAgents(ctx context.Context, now time.Time) {
+	if s.cfg.Mesh == nil {
+		return
+	}
+	members := s.meshAgents()
+	for _, a := range s.fsm.Agents() {
+		st := a.GetState()
+		if st != sandboxv1.NodeState_NODE_STATE_READY && st != sandboxv1.NodeState_NODE_STATE_DRAINING {
+			continue
+		}
+		m, known := members[a.GetId()]
+		if known && (m.State == membership.StateAlive || m.State == membership.StateSuspect) {
+			s.mu.Lock()
+			delete(s.agentDown, a.GetId())
+			s.mu.Unlock()
+			continue
+		}
+		if !known && now.Sub(s.started) < s.cfg.AgentDeadGrace*2 {
+			continue // this server's mesh may not know everyone yet
+		}
+		s.mu.Lock()
+		since, ok := s.agentDown[a.GetId()]
+		if !ok {
+			s.agentDown[a.GetId()] = now
+			since = now
+		}
+		s.mu.Unlock()
+		if now.Sub(since) < s.cfg.AgentDeadGrace {
+			continue
+		}
+		state, reason := sandboxv1.NodeState_NODE_STATE_DEAD, "declared dead by the gossip mesh"
+		switch {
+		case known && m.State == membership.StateLeft:
+			state, reason = sandboxv1.NodeState_NODE_STATE_LEFT, "left the gossip mesh"
+		case !known:
+			reason = "not a member of the gossip mesh"
+		}
+		s.log.Warn("agent down", "agent", a.GetId(), "state", state, "reason", reason)
+		if err := s.apply(ctx, fsm.SetAgentStateType, &statev1.SetAgentState{
+			AgentId: a.GetId(), State: state, Reason: reason, At: timestamppb.Now(),
+		}); err != nil {
+			s.log.Warn("recording agent state", "agent", a.GetId(), "err", err)
+			continue
+		}
+		if err := s.loseAgentSessions(ctx, a.GetId(), "agent "+a.GetId()+" "+reason); err != nil {
+			s.log.Warn("losing sessions of a down agent", "agent", a.GetId(), "err", err)
+		}
+		s.mu.Lock()
+		delete(s.agentDown, a.GetId())
+		s.mu.Unlock()
+	}
+}
+
+// meshAlive reports whether the mesh sees an agent alive.
+func (s *Scheduler) meshAlive(id string) bool {
+	m, ok := s.meshAgents()[id]
+	return ok && (m.State == membership.StateAlive || m.State == membership.StateSuspect)
+}
