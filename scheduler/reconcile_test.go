@@ -1,0 +1,167 @@
+package scheduler
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/sandboxhq/sandbox"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
+	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
+	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
+	"github.com/sandboxhq/sandbox/scheduler/raftnode"
+)
+
+// fakeAgent answers AgentService with a fixed set of containers and records
+// the commands it gets.
+type fakeAgent struct {
+	agentv1connect.UnimplementedAgentServiceHandler
+	containers []*agentv1.Container
+
+	mu       sync.Mutex
+	stopped  []string
+	executed []string
+	fences   []uint64
+}
+
+func (f *fakeAgent) ListContainers(_ context.Context, req *connect.Request[agentv1.ListContainersRequest]) (*connect.Response[agentv1.ListContainersResponse], error) {
+	f.mu.Lock()
+	f.fences = append(f.fences, req.Msg.GetFence().GetTerm())
+	f.mu.Unlock()
+	return connect.NewResponse(&agentv1.ListContainersResponse{Containers: f.containers}), nil
+}
+
+func (f *fakeAgent) StopSession(_ context.Context, req *connect.Request[agentv1.StopSessionRequest]) (*connect.Response[agentv1.StopSessionResponse], error) {
+	f.mu.Lock()
+	f.stopped = append(f.stopped, req.Msg.GetSessionId())
+	f.mu.Unlock()
+	return connect.NewResponse(&agentv1.StopSessionResponse{}), nil
+}
+
+func (f *fakeAgent) Execute(_ context.Context, req *connect.Request[agentv1.ExecuteRequest]) (*connect.Response[agentv1.ExecuteResponse], error) {
+	f.mu.Lock()
+	f.executed = append(f.executed, req.Msg.GetExecutionId())
+	f.mu.Unlock()
+	return connect.NewResponse(&agentv1.ExecuteResponse{}), nil
+}
+
+// newTestScheduler is a one-server scheduler on an in-memory Raft transport.
+func newTestScheduler(t *testing.T) (*Scheduler, *fsm.FSM) {
+	t.Helper()
+	f := fsm.New(nil)
+	_, trans := raft.NewInmemTransport("")
+	cfg := raftnode.DefaultConfig()
+	cfg.ID, cfg.DataDir, cfg.Transport, cfg.Bootstrap = "test-1", t.TempDir(), trans, true
+	node, err := raftnode.New(cfg, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := node.WaitForLeader(ctx); err != nil {
+		t.Fatal(err)
+	}
+	scfg := DefaultConfig()
+	scfg.ClusterToken = "test-cluster-token-0123456789"
+	s := New(scfg, f, node)
+	if err := s.bootstrap(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return s, f
+}
+
+func TestReconcileAgent(t *testing.T) {
+	s, f := newTestScheduler(t)
+	ctx := context.Background()
+	old := timestamppb.New(time.Now().Add(-2 * s.cfg.StartTimeout))
+	mustApply := func(typ fsm.MessageType, msg proto.Message) {
+		t.Helper()
+		if _, err := s.raft.Apply(ctx, typ, msg); err != nil {
+			t.Fatalf("apply %v: %v", typ, err)
+		}
+	}
+	session := func(id string, state sandboxv1.SessionState) *sandboxv1.Session {
+		return &sandboxv1.Session{Id: id, TemplateId: "python-basic", State: state, AgentId: "a1", CreatedAt: old, LastActiveAt: old,
+			ResourceLimits: limitsToProto(sandbox.DefaultLimits)}
+	}
+
+	agent := &fakeAgent{containers: []*agentv1.Container{
+		{ContainerId: "c-kept", SessionId: "kept", Running: true, PendingExecutionIds: []string{"exe-pending"}},
+		{ContainerId: "c-starting", SessionId: "starting-up", Running: true},
+		{ContainerId: "c-orphan", SessionId: "orphan", Running: true},
+	}}
+	path, h := agentv1connect.NewAgentServiceHandler(agent)
+	mux := http.NewServeMux()
+	mux.Handle(path, h)
+	srv := httptest.NewUnstartedServer(mux)
+	srv.EnableHTTP2 = true
+	srv.Config.Protocols = new(http.Protocols)
+	srv.Config.Protocols.SetUnencryptedHTTP2(true)
+	srv.Config.Protocols.SetHTTP1(true)
+	srv.Start()
+	t.Cleanup(srv.Close)
+
+	mustApply(fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{Id: "a1", Address: srv.Listener.Addr().String(), CpuMillis: 8000, MemoryMib: 8192, BootId: "b1", RegisteredAt: old}})
+	for _, sess := range []*sandboxv1.Session{
+		session("kept", sandboxv1.SessionState_SESSION_STATE_RUNNING),
+		session("gone", sandboxv1.SessionState_SESSION_STATE_RUNNING),
+		session("starting-up", sandboxv1.SessionState_SESSION_STATE_STARTING),
+		session("never-started", sandboxv1.SessionState_SESSION_STATE_STARTING),
+	} {
+		mustApply(fsm.CreateSessionType, &statev1.CreateSession{Session: sess})
+	}
+	queued := func(id, sess string) *statev1.CreateExecution {
+		return &statev1.CreateExecution{Execution: &sandboxv1.Execution{Id: id, SessionId: sess, Language: "python", Code: "1",
+			State: sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED, TimeoutSeconds: 60, CreatedAt: old}}
+	}
+	mustApply(fsm.CreateExecutionType, queued("exe-pending", "kept"))
+	mustApply(fsm.CreateExecutionType, queued("exe-never-handed", "kept"))
+	mustApply(fsm.CreateExecutionType, queued("exe-of-gone", "gone"))
+
+	a, _ := f.Agent("a1")
+	if err := s.reconcileAgent(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+
+	wantSession := map[string]sandboxv1.SessionState{
+		"kept":          sandboxv1.SessionState_SESSION_STATE_RUNNING,
+		"gone":          sandboxv1.SessionState_SESSION_STATE_LOST,
+		"starting-up":   sandboxv1.SessionState_SESSION_STATE_RUNNING,
+		"never-started": sandboxv1.SessionState_SESSION_STATE_FAILED,
+	}
+	for id, want := range wantSession {
+		got, _ := f.Session(id)
+		if got.GetState() != want {
+			t.Errorf("session %s is %v, want %v (%s)", id, got.GetState(), want, got.GetStateReason())
+		}
+	}
+	if got, _ := f.Session("starting-up"); got.GetContainerId() != "c-starting" {
+		t.Errorf("starting-up container %q", got.GetContainerId())
+	}
+	if e, _ := f.Execution("exe-of-gone"); e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_LOST {
+		t.Errorf("execution of a gone container is %v", e.GetState())
+	}
+	agent.mu.Lock()
+	defer agent.mu.Unlock()
+	if !slices.Equal(agent.stopped, []string{"orphan"}) {
+		t.Errorf("stopped %v, want only the orphan", agent.stopped)
+	}
+	if !slices.Equal(agent.executed, []string{"exe-never-handed"}) {
+		t.Errorf("handed over again %v, want only the execution the agent never got", agent.executed)
+	}
+	if len(agent.fences) == 0 || agent.fences[0] == 0 {
+		t.Errorf("ListContainers carried no fence term: %v", agent.fences)
+	}
+}
