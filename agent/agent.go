@@ -51,7 +51,6 @@ import (
 	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/agent/state"
 	"github.com/sandboxhq/sandbox/api"
-	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 	"github.com/sandboxhq/sandbox/internal/membership"
 )
@@ -171,7 +170,9 @@ type Agent struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
-	closed   bool
+	// meshUpdate asks the gossip loop to re-advertise this agent's metadata.
+	meshUpdate chan struct{}
+	closed     bool
 
 	// fenceMu orders fence checks; fenceTerm is the highest term seen, as in agent.db.
 	fenceMu   sync.Mutex
@@ -255,6 +256,7 @@ func New(cfg Config) (*Agent, error) {
 		relayBackoff:       defaultRelayBackoff,
 		registerInterval:   defaultRegisterInterval,
 		sessions:           map[string]*session{},
+		meshUpdate:         make(chan struct{}, 1),
 		fenceTerm:          term,
 	}
 	cpClient := &http.Client{Transport: cpTransport}
@@ -322,7 +324,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}()
 
 	if a.cfg.Gossip != nil {
-		mesh, err := a.joinMesh(addr, bootID)
+		mesh, err := a.joinMesh(a.baseCtx, addr, bootID)
 		if err != nil {
 			_ = srv.Close()
 			return fmt.Errorf("agent %s: gossip: %w", a.cfg.ID, err)
@@ -382,23 +384,4 @@ func (a *Agent) shutdown() {
 		}
 		a.log.Info("agent stopped")
 	})
-}
-
-// joinMesh joins the gossip mesh, advertising what the servers need to know
-// about this agent.
-func (a *Agent) joinMesh(addr, bootID string) (*membership.Mesh, error) {
-	cfg := *a.cfg.Gossip
-	cfg.Name = a.cfg.ID
-	cfg.Logger = a.log.With("component", "gossip")
-	cfg.Meta = func() *agentv1.NodeMeta {
-		return &agentv1.NodeMeta{
-			Role:      agentv1.NodeMeta_ROLE_AGENT,
-			Id:        a.cfg.ID,
-			Address:   addr,
-			CpuMillis: a.cfg.CPUMillis,
-			MemoryMib: a.cfg.MemoryMiB,
-			BootId:    bootID,
-		}
-	}
-	return membership.New(a.baseCtx, cfg)
 }

@@ -174,6 +174,7 @@ func (a *Agent) adopt(ctx context.Context, rec state.Session) {
 	a.mu.Lock()
 	a.sessions[s.id] = s
 	a.metrics.sessions.Set(float64(len(a.sessions)))
+	a.sessionsChanged()
 	a.mu.Unlock()
 
 	log := a.log.With("session", s.id, "container", s.containerID)

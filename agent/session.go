@@ -170,6 +170,7 @@ func (a *Agent) startSession(ctx context.Context, p startParams) (string, error)
 	s.cancelStart = cancelLaunch
 	a.sessions[p.SessionID] = s
 	a.metrics.sessions.Set(float64(len(a.sessions)))
+	a.sessionsChanged()
 	a.mu.Unlock()
 
 	log := a.log.With("session", s.id, "container", s.containerID)
@@ -459,6 +460,7 @@ func (a *Agent) release(s *session) {
 		delete(a.sessions, s.id)
 	}
 	a.metrics.sessions.Set(float64(len(a.sessions)))
+	a.sessionsChanged()
 	a.mu.Unlock()
 	close(s.done)
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sort"
 	"time"
@@ -263,6 +264,12 @@ func (s *Scheduler) ListNodes(context.Context) ([]*sandboxv1.Node, error) {
 			Allocated:      &sandboxv1.NodeResources{},
 			StateReason:    a.GetStateReason(),
 			StateChangedAt: a.GetStateChangedAt(),
+		}
+		if s.cfg.Mesh != nil {
+			warm := s.meshAgents()[a.GetId()].Meta.GetWarm()
+			for _, tid := range slices.Sorted(maps.Keys(warm)) {
+				n.WarmPools = append(n.WarmPools, &sandboxv1.WarmPool{TemplateId: tid, Ready: warm[tid]})
+			}
 		}
 		if u := used[a.GetId()]; u != nil {
 			n.Allocated = &sandboxv1.NodeResources{CpuMillis: int32(u.cpu), MemoryMib: u.mem}

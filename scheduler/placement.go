@@ -14,12 +14,16 @@ type candidate struct {
 	agent     *statev1.Agent
 	cpuUsed   int64
 	memoryUse int64
+	// warm is how many ready containers of the session's template the agent
+	// advertises.
+	warm int32
 }
 
 // pickAgent chooses where a session with limits l goes: among the agents that
-// can hold it without going over their capacity, the best fit (the one left
-// with the least free memory, then cpu), so that large holes stay open for
-// large sessions. It never overcommits.
+// can hold it without going over their capacity, one with a warm container
+// of its template if any, then the best fit (the one left with the least
+// free memory, then cpu), so that large holes stay open for large sessions.
+// It never overcommits.
 func pickAgent(cands []candidate, l sandbox.Limits) (*statev1.Agent, error) {
 	if len(cands) == 0 {
 		return nil, fmt.Errorf("%w: no agent is registered and alive; start sandbox-agent on a host", sandbox.ErrUnavailable)
@@ -33,7 +37,10 @@ func pickAgent(cands []candidate, l sandbox.Limits) (*statev1.Agent, error) {
 		if freeCPU < 0 || freeMem < 0 {
 			continue
 		}
-		if best == nil || freeMem < bestMem || (freeMem == bestMem && freeCPU < bestCPU) {
+		better := best == nil ||
+			(c.warm > 0 && best.warm == 0) ||
+			((c.warm > 0) == (best.warm > 0) && (freeMem < bestMem || (freeMem == bestMem && freeCPU < bestCPU)))
+		if better {
 			best, bestMem, bestCPU = c, freeMem, freeCPU
 		}
 	}
@@ -44,7 +51,7 @@ func pickAgent(cands []candidate, l sandbox.Limits) (*statev1.Agent, error) {
 }
 
 // place picks an agent for a new session from the live agents and the live sessions.
-func (s *Scheduler) place(l sandbox.Limits) (*statev1.Agent, error) {
+func (s *Scheduler) place(l sandbox.Limits, templateID string) (*statev1.Agent, error) {
 	now := time.Now()
 	var cands []candidate
 	idx := map[string]int{}
@@ -53,7 +60,7 @@ func (s *Scheduler) place(l sandbox.Limits) (*statev1.Agent, error) {
 			continue
 		}
 		idx[a.GetId()] = len(cands)
-		cands = append(cands, candidate{agent: a})
+		cands = append(cands, candidate{agent: a, warm: s.warmContainers(a.GetId(), templateID)})
 	}
 	for _, sess := range s.fsm.Sessions(func(sess *sandboxv1.Session) bool {
 		return sandbox.SessionState(sess.GetState()).Live()
@@ -80,4 +87,12 @@ func (s *Scheduler) agentAlive(id string, now time.Time) bool {
 	defer s.mu.Unlock()
 	seen, ok := s.agentSeen[id]
 	return !ok || now.Sub(seen) < s.cfg.AgentTimeout
+}
+
+// warmContainers is what the mesh says an agent holds ready for a template.
+func (s *Scheduler) warmContainers(agentID, templateID string) int32 {
+	if s.cfg.Mesh == nil {
+		return 0
+	}
+	return s.meshAgents()[agentID].Meta.GetWarm()[templateID]
 }

@@ -28,6 +28,14 @@ func TestPickAgent(t *testing.T) {
 			{agent: agent("big", 8000, 8192)},
 			{agent: agent("small", 8000, 1024)},
 		}, "small", nil},
+		{"a warm container wins over a better fit", []candidate{
+			{agent: agent("small", 8000, 1024)},
+			{agent: agent("big-warm", 8000, 8192), warm: 2},
+		}, "big-warm", nil},
+		{"warm but full loses", []candidate{
+			{agent: agent("full-warm", 8000, 1024), memoryUse: 1024, warm: 3},
+			{agent: agent("free", 8000, 8192)},
+		}, "free", nil},
 		{"skips the full one", []candidate{
 			{agent: agent("full", 8000, 1024), memoryUse: 1024},
 			{agent: agent("free", 8000, 8192)},

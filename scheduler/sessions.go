@@ -63,7 +63,7 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 			return s.awaitSession(ctx, id)
 		}
 	}
-	agent, err := s.place(limits)
+	agent, err := s.place(limits, tmpl.GetId())
 	if err != nil {
 		return nil, err
 	}
