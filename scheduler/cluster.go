@@ -114,6 +114,10 @@ func (s *Scheduler) Join(ctx context.Context, jc JoinConfig) error {
 	if jc.BootstrapExpect == 1 && len(jc.Join) == 0 {
 		return jc.Raft.BootstrapServers(map[string]string{s.cfg.Self.GetId(): s.cfg.Self.GetAddress()})
 	}
+	if jc.BootstrapExpect == 0 && len(jc.Join) == 0 {
+		s.log.Info("waiting to be added to a cluster (sandboxctl cluster join)", "internal", s.cfg.Self.GetInternalAddress())
+		return nil
+	}
 	backoff := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		done, err := s.tryJoin(ctx, jc)

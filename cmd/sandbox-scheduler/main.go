@@ -48,7 +48,7 @@ func run() error {
 		apiKeysFile      = flag.String("api-keys-file", "", "file of accepted API keys, one per line (\"KEY\" or \"NAME KEY\")")
 		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error")
-		bootstrapExpect  = flag.Int("bootstrap-expect", 0, "number of servers that form a new cluster together (1: a single server; 0: 1 without --join, else join an existing cluster)")
+		bootstrapExpect  = flag.Int("bootstrap-expect", 0, "number of servers that form a new cluster together; 0 with --join: join an existing cluster; 0 alone: wait to be added with sandboxctl cluster join (default: 1 without --join)")
 		join             = flag.String("join", "", "comma-separated internal addresses of other servers, to form or join a cluster")
 		heartbeat        = flag.Duration("raft-heartbeat-timeout", raftnode.DefaultConfig().HeartbeatTimeout, "Raft heartbeat timeout")
 		election         = flag.Duration("raft-election-timeout", raftnode.DefaultConfig().ElectionTimeout, "Raft election timeout")
@@ -117,8 +117,13 @@ func run() error {
 	scfg.Mesh = mesh
 	sched := scheduler.New(scfg, state, node)
 	peers := splitList(*join)
+	// Without --join and without an explicit --bootstrap-expect, a server
+	// forms a cluster of its own; --bootstrap-expect 0 makes it wait to be
+	// added (sandboxctl cluster join).
 	expect := *bootstrapExpect
-	if expect == 0 && len(peers) == 0 {
+	expectSet := false
+	flag.Visit(func(f *flag.Flag) { expectSet = expectSet || f.Name == "bootstrap-expect" })
+	if expect == 0 && len(peers) == 0 && !expectSet {
 		expect = 1
 	}
 

@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -221,6 +223,66 @@ func TestCluster(t *testing.T) {
 			t.Fatalf("the restarted server cannot answer: %v", err)
 		}
 		c.terminate(sess.GetId())
+	})
+
+	t.Run("a server is removed and joined again at run time", func(t *testing.T) {
+		lead := c.leader(t, liveServers(c))
+		var f *server
+		for _, srv := range liveServers(c) {
+			if srv != lead {
+				f = srv
+				break
+			}
+		}
+		c.useServer(lead)
+		if _, errs, code := c.ctl("", "cluster", "remove", f.id); code != 0 {
+			t.Fatalf("cluster remove: %s", errs)
+		}
+		status := func() *sandboxv1.GetClusterStatusResponse {
+			st, err := c.clusterClient(lead).GetClusterStatus(ctx, connect.NewRequest(&sandboxv1.GetClusterStatusRequest{}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return st.Msg
+		}
+		if n := len(status().GetServers()); n != 2 {
+			t.Fatalf("%d servers after remove", n)
+		}
+		stopProcess(f.cmd)
+		must(t, os.RemoveAll(filepath.Join(c.dir, f.id)))
+		f.standalone = true
+		c.startServer(f)
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			_, errs, code := c.ctl("", "cluster", "join", f.internalAddr)
+			if code == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("cluster join: %s", errs)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		deadline = time.Now().Add(30 * time.Second)
+		for {
+			st := status()
+			voters := 0
+			for _, s := range st.GetServers() {
+				if s.GetVoter() {
+					voters++
+				}
+			}
+			// The rejoined server answers with the replicated state.
+			c.useServer(f)
+			_, err := c.templates.GetTemplate(ctx, connect.NewRequest(&sandboxv1.GetTemplateRequest{TemplateId: "python-basic"}))
+			if voters == 3 && err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after join: %v servers, template read %v", st.GetServers(), err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	})
 
 	t.Run("a dead agent's sessions end LOST with a reason", func(t *testing.T) {

@@ -79,6 +79,8 @@ type server struct {
 	id                                          string
 	apiAddr, internalAddr, raftAddr, gossipAddr string
 	cmd                                         *exec.Cmd
+	// standalone starts the server with no peers, waiting to be joined.
+	standalone bool
 }
 
 // cluster is scheduler servers and one agent running as separate processes.
@@ -178,7 +180,15 @@ func (c *cluster) startServer(srv *server) {
 		"--api-addr", srv.apiAddr, "--internal-addr", srv.internalAddr, "--raft-addr", srv.raftAddr,
 		"--api-keys-file", filepath.Join(c.dir, "api-keys"), "--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
 		"--gossip-addr", srv.gossipAddr, "--log-level", "debug"}
-	if len(c.servers) > 1 {
+	if srv.standalone {
+		var gossip []string
+		for _, o := range c.servers {
+			if o != srv {
+				gossip = append(gossip, o.gossipAddr)
+			}
+		}
+		args = append(args, "--bootstrap-expect", "0", "--gossip-join", strings.Join(gossip, ","))
+	} else if len(c.servers) > 1 {
 		var peers, gossip []string
 		for _, o := range c.servers {
 			if o != srv {
