@@ -2,8 +2,6 @@ package scheduler
 
 import (
 	"context"
-	"net/http"
-	"net/http/httptest"
 	"slices"
 	"sync"
 	"testing"
@@ -102,18 +100,9 @@ func TestReconcileAgent(t *testing.T) {
 		{ContainerId: "c-starting", SessionId: "starting-up", Running: true},
 		{ContainerId: "c-orphan", SessionId: "orphan", Running: true},
 	}}
-	path, h := agentv1connect.NewAgentServiceHandler(agent)
-	mux := http.NewServeMux()
-	mux.Handle(path, h)
-	srv := httptest.NewUnstartedServer(mux)
-	srv.EnableHTTP2 = true
-	srv.Config.Protocols = new(http.Protocols)
-	srv.Config.Protocols.SetUnencryptedHTTP2(true)
-	srv.Config.Protocols.SetHTTP1(true)
-	srv.Start()
-	t.Cleanup(srv.Close)
+	addr := serveFakeAgent(t, agent)
 
-	mustApply(fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{Id: "a1", Address: srv.Listener.Addr().String(), CpuMillis: 8000, MemoryMib: 8192, BootId: "b1", RegisteredAt: old}})
+	mustApply(fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{Id: "a1", Address: addr, CpuMillis: 8000, MemoryMib: 8192, BootId: "b1", RegisteredAt: old}})
 	for _, sess := range []*sandboxv1.Session{
 		session("kept", sandboxv1.SessionState_SESSION_STATE_RUNNING),
 		session("gone", sandboxv1.SessionState_SESSION_STATE_RUNNING),
