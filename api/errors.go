@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"connectrpc.com/connect"
 
@@ -55,5 +56,19 @@ func Error(err error) error {
 	if code == connect.CodeUnknown {
 		return connect.NewError(connect.CodeInternal, errors.New("internal error; see the server log"))
 	}
-	return connect.NewError(code, err)
+	// The code already says what the sentinel's text says ("not found",
+	// "unavailable"): keep the message to the part that names what was wrong.
+	msg := err.Error()
+	for _, sentinel := range sentinels {
+		if errors.Is(err, sentinel) {
+			msg = strings.TrimPrefix(msg, sentinel.Error()+": ")
+			break
+		}
+	}
+	return connect.NewError(code, errors.New(msg))
+}
+
+var sentinels = []error{
+	sandbox.ErrInvalidArgument, sandbox.ErrNotFound, sandbox.ErrAlreadyExists, sandbox.ErrFailedPrecondition,
+	sandbox.ErrResourceExhausted, sandbox.ErrUnauthenticated, sandbox.ErrPermissionDenied, sandbox.ErrUnavailable,
 }

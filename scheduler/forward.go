@@ -9,6 +9,9 @@ import (
 	"strings"
 
 	"connectrpc.com/connect"
+
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
+	"github.com/sandboxhq/sandbox/internal/membership"
 )
 
 // Headers of the forwarding protocol between servers and clients.
@@ -81,7 +84,7 @@ func (s *Scheduler) Forward(next http.Handler, port Port) http.Handler {
 		}
 		target := s.leaderAddress(port)
 		if target == "" {
-			fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("no leader is elected right now; retry (or read with "+ReadConsistencyHeader+": stale)")))
+			fail(w, r, connect.NewError(connect.CodeUnavailable, s.noLeaderError()))
 			return
 		}
 		r.Header.Set(forwardedHeader, s.cfg.Self.GetId())
@@ -95,14 +98,25 @@ func (s *Scheduler) leaderAddress(port Port) string {
 	if id == "" {
 		return ""
 	}
-	srv, ok := s.fsm.Server(id)
-	if !ok {
-		return ""
+	if srv, ok := s.fsm.Server(id); ok {
+		if port == InternalPort {
+			return srv.GetInternalAddress()
+		}
+		return srv.GetApiAddress()
 	}
-	if port == InternalPort {
-		return srv.GetInternalAddress()
+	// A leader elected moments ago may not have recorded its addresses in
+	// the replicated state yet; every server also advertises them over gossip.
+	if s.cfg.Mesh != nil {
+		for _, m := range s.cfg.Mesh.Members() {
+			if m.Meta.GetRole() == agentv1.NodeMeta_ROLE_SERVER && m.Meta.GetId() == id && m.State == membership.StateAlive {
+				if port == InternalPort {
+					return m.Meta.GetAddress()
+				}
+				return m.Meta.GetApiAddress()
+			}
+		}
 	}
-	return srv.GetApiAddress()
+	return ""
 }
 
 // proxy returns the reverse proxy to one leader address (cleartext HTTP/2,
@@ -130,4 +144,12 @@ func (s *Scheduler) proxy(target string, fail func(http.ResponseWriter, *http.Re
 	}
 	s.proxies[target] = p
 	return p
+}
+
+// noLeaderError says why a follower cannot forward.
+func (s *Scheduler) noLeaderError() error {
+	if _, id := s.raft.Leader(); id != "" {
+		return errors.New("the leader " + id + " is known but its address is not yet; retry")
+	}
+	return errors.New("no leader is elected right now; retry (or read with " + ReadConsistencyHeader + ": stale)")
 }
