@@ -42,6 +42,15 @@ test: lint images
 test-unit:
 	$(GO) test -race -count=1 -short ./...
 
+## test-chaos: repeat the leader-kill tests RUNS times (default 20) with random
+## schedules: a porcupine linearizability check of the API across leader kills,
+## and TestCluster. Needs what `make test` needs, the images included (make images).
+## Replay a failed run: SANDBOX_CHAOS_SEED=<its seed> make test-chaos RUNS=1.
+RUNS ?= 20
+.PHONY: test-chaos
+test-chaos:
+	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) $(GO) test -race -count=1 -timeout 60m -run 'TestLinearizability|TestCluster' ./internal/e2e/
+
 ## up: install what is missing, build, start a local scheduler and agent, run a sample
 up:
 	deploy/local/up.sh

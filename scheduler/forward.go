@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"net/http/httputil"
@@ -70,6 +71,10 @@ func (s *Scheduler) Forward(next http.Handler, port Port) http.Handler {
 		}
 		if s.raft.IsLeader() {
 			if read {
+				if err := s.readBarrier(r.Context()); err != nil {
+					fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server has just become the leader and is still applying the log; retry")))
+					return
+				}
 				if err := s.raft.VerifyLeader(r.Context()); err != nil {
 					fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server lost the leadership while serving a read; retry")))
 					return
@@ -152,4 +157,18 @@ func (s *Scheduler) noLeaderError() error {
 		return errors.New("the leader " + id + " is known but its address is not yet; retry")
 	}
 	return errors.New("no leader is elected right now; retry (or read with " + ReadConsistencyHeader + ": stale)")
+}
+
+// readBarrier makes sure that, in this term, the leader has applied every
+// entry earlier leaders committed before it serves a read from its FSM.
+func (s *Scheduler) readBarrier(ctx context.Context) error {
+	term := s.raft.Term()
+	if s.readyTerm.Load() == term {
+		return nil
+	}
+	if err := s.raft.Barrier(ctx); err != nil {
+		return err
+	}
+	s.readyTerm.Store(term)
+	return nil
 }

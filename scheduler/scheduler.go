@@ -19,6 +19,7 @@ import (
 	"net/http/httputil"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -92,6 +93,7 @@ type Raft interface {
 	AppliedIndex() uint64
 	CommitIndex() uint64
 	VerifyLeader(ctx context.Context) error
+	Barrier(ctx context.Context) error
 	AddVoter(ctx context.Context, id, addr string) error
 	RemoveServer(ctx context.Context, id string) error
 	Servers() ([]raft.Server, error)
@@ -117,6 +119,10 @@ type Scheduler struct {
 	// agentDown records since when the mesh has not seen each agent alive.
 	agentDown map[string]time.Time
 	started   time.Time
+
+	// readyTerm is the term in which this leader last ran a barrier; reads
+	// are served only once it equals the current term.
+	readyTerm atomic.Uint64
 
 	proxiesMu sync.Mutex
 	proxies   map[string]*httputil.ReverseProxy
@@ -201,7 +207,10 @@ func (s *Scheduler) bootstrap(ctx context.Context) error {
 			Builtin:       true,
 			CreatedAt:     timestamppb.Now(),
 		}
-		if _, err := s.raft.Apply(ctx, fsm.PutTemplateType, &statev1.PutTemplate{Template: t}); err != nil {
+		if _, err := s.raft.Apply(ctx, fsm.CreateTemplateType, &statev1.CreateTemplate{Template: t}); err != nil {
+			if errors.Is(err, sandbox.ErrAlreadyExists) {
+				continue // a previous leader's bootstrap got there first
+			}
 			return fmt.Errorf("template %s: %w", bt.ID, err)
 		}
 		s.log.Info("created built-in template", "template", bt.ID)

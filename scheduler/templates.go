@@ -38,7 +38,9 @@ func (s *Scheduler) CreateTemplate(ctx context.Context, t *sandboxv1.Template) (
 	}
 	t.Builtin = false
 	t.CreatedAt = timestamppb.Now()
-	if err := s.apply(ctx, fsm.PutTemplateType, &statev1.PutTemplate{Template: t}); err != nil {
+	// The check above is a fast path; the FSM decides, so that of two
+	// concurrent creates of one id exactly one succeeds.
+	if err := s.apply(ctx, fsm.CreateTemplateType, &statev1.CreateTemplate{Template: t}); err != nil {
 		return nil, err
 	}
 	return s.GetTemplate(ctx, t.GetId())

@@ -121,6 +121,14 @@ func startCluster(t *testing.T) *cluster { return startServers(t, 1) }
 // startServers starts n servers (one Raft cluster) and one agent.
 func startServers(t *testing.T, n int) *cluster {
 	t.Helper()
+	return startServersIn(t, n, t.TempDir)
+}
+
+// startServersIn is startServers with the cluster's files in the directory
+// dir returns. Keep it short: the agent's unix socket paths, under it, must
+// fit in 108 bytes, and t.TempDir grows with the test's name.
+func startServersIn(t *testing.T, n int, dir func() string) *cluster {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end test; -short skips it")
 	}
@@ -130,7 +138,7 @@ func startServers(t *testing.T, n int) *cluster {
 	c := &cluster{
 		t:           t,
 		bin:         binaries(t),
-		dir:         t.TempDir(),
+		dir:         dir(),
 		agentAddr:   freePort(t),
 		agentGossip: freePort(t),
 		agentID:     fmt.Sprintf("e2e-%d", time.Now().UnixNano()),

@@ -25,7 +25,8 @@
 // responds nil, except where a rule below names another value (Existing,
 // Purged); those are values, not errors.
 //
-//   - PutTemplate upserts a template by id. DeleteTemplate refuses a missing
+//   - PutTemplate upserts a template by id. CreateTemplate adds one and
+//     refuses an existing id, so concurrent creates cannot both succeed. DeleteTemplate refuses a missing
 //     template, a built-in one, and one that a live session still uses.
 //   - CreateSession refuses an existing id and a missing template.
 //     With an idempotency key, see Idempotency below.
@@ -118,6 +119,7 @@ const (
 	RegisterServerType   MessageType = 9
 	DeregisterServerType MessageType = 10
 	PurgeSessionsType    MessageType = 11
+	CreateTemplateType   MessageType = 12
 )
 
 // IgnoreUnknownTypeFlag marks a command type that a server which does not
@@ -136,6 +138,7 @@ var typeNames = map[MessageType]string{
 	RegisterServerType:   "RegisterServer",
 	DeregisterServerType: "DeregisterServer",
 	PurgeSessionsType:    "PurgeSessions",
+	CreateTemplateType:   "CreateTemplate",
 }
 
 func (t MessageType) String() string {
@@ -251,6 +254,8 @@ func (f *FSM) Apply(l *raft.Log) any {
 		msg = &statev1.DeregisterServer{}
 	case PurgeSessionsType:
 		msg = &statev1.PurgeSessions{}
+	case CreateTemplateType:
+		msg = &statev1.CreateTemplate{}
 	default:
 		if ignorable {
 			f.logger.Warn("ignoring unknown command type", "type", uint8(t), "index", l.Index)
@@ -267,6 +272,8 @@ func (f *FSM) Apply(l *raft.Log) any {
 	switch m := msg.(type) {
 	case *statev1.PutTemplate:
 		return f.putTemplate(m)
+	case *statev1.CreateTemplate:
+		return f.createTemplate(m)
 	case *statev1.DeleteTemplate:
 		return f.deleteTemplate(m)
 	case *statev1.CreateSession:
@@ -298,6 +305,18 @@ func (f *FSM) putTemplate(m *statev1.PutTemplate) any {
 	t := m.GetTemplate()
 	if t.GetId() == "" {
 		return fmt.Errorf("%w: put template: missing template id", sandbox.ErrInvalidArgument)
+	}
+	f.templates[t.GetId()] = t
+	return nil
+}
+
+func (f *FSM) createTemplate(m *statev1.CreateTemplate) any {
+	t := m.GetTemplate()
+	if t.GetId() == "" {
+		return fmt.Errorf("%w: create template: missing template id", sandbox.ErrInvalidArgument)
+	}
+	if _, ok := f.templates[t.GetId()]; ok {
+		return fmt.Errorf("%w: template %q already exists", sandbox.ErrAlreadyExists, t.GetId())
 	}
 	f.templates[t.GetId()] = t
 	return nil

@@ -545,8 +545,8 @@ func TestUnknownType(t *testing.T) {
 		{"ignorable unknown type", append([]byte{byte(IgnoreUnknownTypeFlag | 100)}, payload...), false},
 		{"ignorable unknown type without payload", []byte{byte(IgnoreUnknownTypeFlag | 100)}, false},
 		{"unknown type", append([]byte{100}, payload...), true},
-		{"ignorable next type", append([]byte{byte(IgnoreUnknownTypeFlag | (PurgeSessionsType + 1))}, payload...), false},
-		{"next type", append([]byte{byte(PurgeSessionsType + 1)}, payload...), true},
+		{"ignorable next type", append([]byte{byte(IgnoreUnknownTypeFlag | (CreateTemplateType + 1))}, payload...), false},
+		{"next type", append([]byte{byte(CreateTemplateType + 1)}, payload...), true},
 		{"empty command", nil, true},
 		{"undecodable payload", []byte{byte(RegisterAgentType), 0xff, 0xff, 0xff}, true},
 	}
@@ -932,5 +932,36 @@ func TestKnownTypeWithIgnoreFlagApplies(t *testing.T) {
 	}
 	if _, ok := f.Agent("flagged"); !ok {
 		t.Fatal("the flagged known command was not applied")
+	}
+}
+
+// Of two creates of one template id, only the first succeeds; PutTemplate
+// still upserts.
+func TestCreateTemplateRefusesExisting(t *testing.T) {
+	f := New(nil)
+	apply := func(typ MessageType, msg proto.Message) any {
+		b, err := Encode(typ, msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f.Apply(&raft.Log{Index: 1, Data: b})
+	}
+	tmpl := &sandboxv1.Template{Id: "t1", Image: "first"}
+	if resp := apply(CreateTemplateType, &statev1.CreateTemplate{Template: tmpl}); resp != nil {
+		t.Fatalf("first create: %v", resp)
+	}
+	second := &sandboxv1.Template{Id: "t1", Image: "second"}
+	resp := apply(CreateTemplateType, &statev1.CreateTemplate{Template: second})
+	if err, ok := resp.(error); !ok || !errors.Is(err, sandbox.ErrAlreadyExists) {
+		t.Fatalf("second create: %v, want ErrAlreadyExists", resp)
+	}
+	if got, _ := f.Template("t1"); got.GetImage() != "first" {
+		t.Fatalf("the second create overwrote the first: %v", got)
+	}
+	if resp := apply(PutTemplateType, &statev1.PutTemplate{Template: second}); resp != nil {
+		t.Fatalf("put: %v", resp)
+	}
+	if got, _ := f.Template("t1"); got.GetImage() != "second" {
+		t.Fatalf("put did not upsert: %v", got)
 	}
 }

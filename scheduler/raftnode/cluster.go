@@ -103,3 +103,13 @@ func (n *Node) Restore(ctx context.Context, r io.Reader, size int64) error {
 	}
 	return nil
 }
+
+// Barrier waits until every entry committed before it is applied to the
+// FSM here. A new leader runs one before serving reads, since being leader
+// does not yet mean having applied what earlier leaders committed.
+func (n *Node) Barrier(ctx context.Context) error {
+	if err := n.raft.Barrier(timeoutOf(ctx)).Error(); err != nil {
+		return n.wrap("barrier", err)
+	}
+	return nil
+}

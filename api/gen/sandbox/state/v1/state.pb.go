@@ -456,6 +456,52 @@ func (x *PutTemplate) GetTemplate() *v1.Template {
 	return nil
 }
 
+// CreateTemplate adds a template; the FSM refuses an id that exists, so two
+// concurrent creates cannot both succeed (PutTemplate upserts).
+type CreateTemplate struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Template      *v1.Template           `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTemplate) Reset() {
+	*x = CreateTemplate{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTemplate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTemplate) ProtoMessage() {}
+
+func (x *CreateTemplate) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTemplate.ProtoReflect.Descriptor instead.
+func (*CreateTemplate) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CreateTemplate) GetTemplate() *v1.Template {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
 type DeleteTemplate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TemplateId    string                 `protobuf:"bytes,1,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
@@ -465,7 +511,7 @@ type DeleteTemplate struct {
 
 func (x *DeleteTemplate) Reset() {
 	*x = DeleteTemplate{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -477,7 +523,7 @@ func (x *DeleteTemplate) String() string {
 func (*DeleteTemplate) ProtoMessage() {}
 
 func (x *DeleteTemplate) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[7]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -490,7 +536,7 @@ func (x *DeleteTemplate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTemplate.ProtoReflect.Descriptor instead.
 func (*DeleteTemplate) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{7}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeleteTemplate) GetTemplateId() string {
@@ -512,7 +558,7 @@ type CreateSession struct {
 
 func (x *CreateSession) Reset() {
 	*x = CreateSession{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -524,7 +570,7 @@ func (x *CreateSession) String() string {
 func (*CreateSession) ProtoMessage() {}
 
 func (x *CreateSession) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[8]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -537,7 +583,7 @@ func (x *CreateSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSession.ProtoReflect.Descriptor instead.
 func (*CreateSession) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{8}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateSession) GetSession() *v1.Session {
@@ -569,7 +615,7 @@ type UpdateSession struct {
 
 func (x *UpdateSession) Reset() {
 	*x = UpdateSession{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -581,7 +627,7 @@ func (x *UpdateSession) String() string {
 func (*UpdateSession) ProtoMessage() {}
 
 func (x *UpdateSession) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -594,7 +640,7 @@ func (x *UpdateSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSession.ProtoReflect.Descriptor instead.
 func (*UpdateSession) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{9}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UpdateSession) GetSessionId() string {
@@ -649,7 +695,7 @@ type CreateExecution struct {
 
 func (x *CreateExecution) Reset() {
 	*x = CreateExecution{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -661,7 +707,7 @@ func (x *CreateExecution) String() string {
 func (*CreateExecution) ProtoMessage() {}
 
 func (x *CreateExecution) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -674,7 +720,7 @@ func (x *CreateExecution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateExecution.ProtoReflect.Descriptor instead.
 func (*CreateExecution) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{10}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateExecution) GetExecution() *v1.Execution {
@@ -702,7 +748,7 @@ type UpdateExecution struct {
 
 func (x *UpdateExecution) Reset() {
 	*x = UpdateExecution{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -714,7 +760,7 @@ func (x *UpdateExecution) String() string {
 func (*UpdateExecution) ProtoMessage() {}
 
 func (x *UpdateExecution) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -727,7 +773,7 @@ func (x *UpdateExecution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateExecution.ProtoReflect.Descriptor instead.
 func (*UpdateExecution) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{11}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *UpdateExecution) GetExecution() *v1.Execution {
@@ -746,7 +792,7 @@ type RegisterAgent struct {
 
 func (x *RegisterAgent) Reset() {
 	*x = RegisterAgent{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -758,7 +804,7 @@ func (x *RegisterAgent) String() string {
 func (*RegisterAgent) ProtoMessage() {}
 
 func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -771,7 +817,7 @@ func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgent.ProtoReflect.Descriptor instead.
 func (*RegisterAgent) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{12}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RegisterAgent) GetAgent() *Agent {
@@ -796,7 +842,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -808,7 +854,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -821,7 +867,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{13}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Snapshot) GetTemplates() []*v1.Template {
@@ -902,6 +948,8 @@ const file_sandbox_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"?\n" +
 	"\vPutTemplate\x120\n" +
+	"\btemplate\x18\x01 \x01(\v2\x14.sandbox.v1.TemplateR\btemplate\"B\n" +
+	"\x0eCreateTemplate\x120\n" +
 	"\btemplate\x18\x01 \x01(\v2\x14.sandbox.v1.TemplateR\btemplate\"1\n" +
 	"\x0eDeleteTemplate\x12\x1f\n" +
 	"\vtemplate_id\x18\x01 \x01(\tR\n" +
@@ -946,7 +994,7 @@ func file_sandbox_state_v1_state_proto_rawDescGZIP() []byte {
 	return file_sandbox_state_v1_state_proto_rawDescData
 }
 
-var file_sandbox_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_sandbox_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_sandbox_state_v1_state_proto_goTypes = []any{
 	(*Agent)(nil),                 // 0: sandbox.state.v1.Agent
 	(*SetAgentState)(nil),         // 1: sandbox.state.v1.SetAgentState
@@ -955,47 +1003,49 @@ var file_sandbox_state_v1_state_proto_goTypes = []any{
 	(*PurgeSessions)(nil),         // 4: sandbox.state.v1.PurgeSessions
 	(*IdempotencyRecord)(nil),     // 5: sandbox.state.v1.IdempotencyRecord
 	(*PutTemplate)(nil),           // 6: sandbox.state.v1.PutTemplate
-	(*DeleteTemplate)(nil),        // 7: sandbox.state.v1.DeleteTemplate
-	(*CreateSession)(nil),         // 8: sandbox.state.v1.CreateSession
-	(*UpdateSession)(nil),         // 9: sandbox.state.v1.UpdateSession
-	(*CreateExecution)(nil),       // 10: sandbox.state.v1.CreateExecution
-	(*UpdateExecution)(nil),       // 11: sandbox.state.v1.UpdateExecution
-	(*RegisterAgent)(nil),         // 12: sandbox.state.v1.RegisterAgent
-	(*Snapshot)(nil),              // 13: sandbox.state.v1.Snapshot
-	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
-	(v1.NodeState)(0),             // 15: sandbox.v1.NodeState
-	(*v1.Server)(nil),             // 16: sandbox.v1.Server
-	(*v1.Template)(nil),           // 17: sandbox.v1.Template
-	(*v1.Session)(nil),            // 18: sandbox.v1.Session
-	(v1.SessionState)(0),          // 19: sandbox.v1.SessionState
-	(*v1.Execution)(nil),          // 20: sandbox.v1.Execution
+	(*CreateTemplate)(nil),        // 7: sandbox.state.v1.CreateTemplate
+	(*DeleteTemplate)(nil),        // 8: sandbox.state.v1.DeleteTemplate
+	(*CreateSession)(nil),         // 9: sandbox.state.v1.CreateSession
+	(*UpdateSession)(nil),         // 10: sandbox.state.v1.UpdateSession
+	(*CreateExecution)(nil),       // 11: sandbox.state.v1.CreateExecution
+	(*UpdateExecution)(nil),       // 12: sandbox.state.v1.UpdateExecution
+	(*RegisterAgent)(nil),         // 13: sandbox.state.v1.RegisterAgent
+	(*Snapshot)(nil),              // 14: sandbox.state.v1.Snapshot
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(v1.NodeState)(0),             // 16: sandbox.v1.NodeState
+	(*v1.Server)(nil),             // 17: sandbox.v1.Server
+	(*v1.Template)(nil),           // 18: sandbox.v1.Template
+	(*v1.Session)(nil),            // 19: sandbox.v1.Session
+	(v1.SessionState)(0),          // 20: sandbox.v1.SessionState
+	(*v1.Execution)(nil),          // 21: sandbox.v1.Execution
 }
 var file_sandbox_state_v1_state_proto_depIdxs = []int32{
-	14, // 0: sandbox.state.v1.Agent.registered_at:type_name -> google.protobuf.Timestamp
-	15, // 1: sandbox.state.v1.Agent.state:type_name -> sandbox.v1.NodeState
-	14, // 2: sandbox.state.v1.Agent.state_changed_at:type_name -> google.protobuf.Timestamp
-	15, // 3: sandbox.state.v1.SetAgentState.state:type_name -> sandbox.v1.NodeState
-	14, // 4: sandbox.state.v1.SetAgentState.at:type_name -> google.protobuf.Timestamp
-	16, // 5: sandbox.state.v1.RegisterServer.server:type_name -> sandbox.v1.Server
-	14, // 6: sandbox.state.v1.IdempotencyRecord.created_at:type_name -> google.protobuf.Timestamp
-	17, // 7: sandbox.state.v1.PutTemplate.template:type_name -> sandbox.v1.Template
-	18, // 8: sandbox.state.v1.CreateSession.session:type_name -> sandbox.v1.Session
-	19, // 9: sandbox.state.v1.UpdateSession.state:type_name -> sandbox.v1.SessionState
-	14, // 10: sandbox.state.v1.UpdateSession.at:type_name -> google.protobuf.Timestamp
-	20, // 11: sandbox.state.v1.CreateExecution.execution:type_name -> sandbox.v1.Execution
-	20, // 12: sandbox.state.v1.UpdateExecution.execution:type_name -> sandbox.v1.Execution
-	0,  // 13: sandbox.state.v1.RegisterAgent.agent:type_name -> sandbox.state.v1.Agent
-	17, // 14: sandbox.state.v1.Snapshot.templates:type_name -> sandbox.v1.Template
-	18, // 15: sandbox.state.v1.Snapshot.sessions:type_name -> sandbox.v1.Session
-	20, // 16: sandbox.state.v1.Snapshot.executions:type_name -> sandbox.v1.Execution
-	0,  // 17: sandbox.state.v1.Snapshot.agents:type_name -> sandbox.state.v1.Agent
-	16, // 18: sandbox.state.v1.Snapshot.servers:type_name -> sandbox.v1.Server
-	5,  // 19: sandbox.state.v1.Snapshot.idempotency:type_name -> sandbox.state.v1.IdempotencyRecord
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	15, // 0: sandbox.state.v1.Agent.registered_at:type_name -> google.protobuf.Timestamp
+	16, // 1: sandbox.state.v1.Agent.state:type_name -> sandbox.v1.NodeState
+	15, // 2: sandbox.state.v1.Agent.state_changed_at:type_name -> google.protobuf.Timestamp
+	16, // 3: sandbox.state.v1.SetAgentState.state:type_name -> sandbox.v1.NodeState
+	15, // 4: sandbox.state.v1.SetAgentState.at:type_name -> google.protobuf.Timestamp
+	17, // 5: sandbox.state.v1.RegisterServer.server:type_name -> sandbox.v1.Server
+	15, // 6: sandbox.state.v1.IdempotencyRecord.created_at:type_name -> google.protobuf.Timestamp
+	18, // 7: sandbox.state.v1.PutTemplate.template:type_name -> sandbox.v1.Template
+	18, // 8: sandbox.state.v1.CreateTemplate.template:type_name -> sandbox.v1.Template
+	19, // 9: sandbox.state.v1.CreateSession.session:type_name -> sandbox.v1.Session
+	20, // 10: sandbox.state.v1.UpdateSession.state:type_name -> sandbox.v1.SessionState
+	15, // 11: sandbox.state.v1.UpdateSession.at:type_name -> google.protobuf.Timestamp
+	21, // 12: sandbox.state.v1.CreateExecution.execution:type_name -> sandbox.v1.Execution
+	21, // 13: sandbox.state.v1.UpdateExecution.execution:type_name -> sandbox.v1.Execution
+	0,  // 14: sandbox.state.v1.RegisterAgent.agent:type_name -> sandbox.state.v1.Agent
+	18, // 15: sandbox.state.v1.Snapshot.templates:type_name -> sandbox.v1.Template
+	19, // 16: sandbox.state.v1.Snapshot.sessions:type_name -> sandbox.v1.Session
+	21, // 17: sandbox.state.v1.Snapshot.executions:type_name -> sandbox.v1.Execution
+	0,  // 18: sandbox.state.v1.Snapshot.agents:type_name -> sandbox.state.v1.Agent
+	17, // 19: sandbox.state.v1.Snapshot.servers:type_name -> sandbox.v1.Server
+	5,  // 20: sandbox.state.v1.Snapshot.idempotency:type_name -> sandbox.state.v1.IdempotencyRecord
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_sandbox_state_v1_state_proto_init() }
@@ -1009,7 +1059,7 @@ func file_sandbox_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_state_v1_state_proto_rawDesc), len(file_sandbox_state_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
