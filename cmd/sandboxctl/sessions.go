@@ -187,10 +187,19 @@ func (a *app) cmdSessionsRm(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	return a.forEach(pos, "session", func(id string) error {
+		_, err := c.sessions.TerminateSession(ctx, connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: id}))
+		return err
+	})
+}
+
+// forEach runs do for every id, printing the ids it succeeded for and an
+// error line for the others; it fails when any failed.
+func (a *app) forEach(ids []string, kind string, do func(id string) error) error {
 	failed := 0
-	for _, id := range pos {
-		if _, err := c.sessions.TerminateSession(ctx, connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: id})); err != nil {
-			a.printError(fmt.Errorf("session %s: %w", id, err))
+	for _, id := range ids {
+		if err := do(id); err != nil {
+			a.printError(fmt.Errorf("%s %s: %w", kind, id, err))
 			failed++
 			continue
 		}

@@ -120,17 +120,8 @@ func (a *app) cmdTemplatesRm(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	failed := 0
-	for _, id := range pos {
-		if _, err := c.templates.DeleteTemplate(ctx, connect.NewRequest(&sandboxv1.DeleteTemplateRequest{TemplateId: id})); err != nil {
-			a.printError(fmt.Errorf("template %s: %w", id, err))
-			failed++
-			continue
-		}
-		fmt.Fprintln(a.stdout, id)
-	}
-	if failed > 0 {
-		return &exitCodeError{code: exitError}
-	}
-	return nil
+	return a.forEach(pos, "template", func(id string) error {
+		_, err := c.templates.DeleteTemplate(ctx, connect.NewRequest(&sandboxv1.DeleteTemplateRequest{TemplateId: id}))
+		return err
+	})
 }
