@@ -42,14 +42,16 @@ test: lint images
 test-unit:
 	$(GO) test -race -count=1 -short ./...
 
-## test-chaos: repeat the leader-kill tests RUNS times (default 20) with random
+## test-chaos: repeat the kill tests RUNS times (default 20) with random
 ## schedules: a porcupine linearizability check of the API across leader kills,
-## and TestCluster. Needs what `make test` needs, the images included (make images).
+## and TestCluster (leader killed under load at a random moment, agent killed
+## and restarted, agent killed mid-execution). Needs what `make test` needs, the images included (make images).
 ## Replay a failed run: SANDBOX_CHAOS_SEED=<its seed> make test-chaos RUNS=1.
 RUNS ?= 20
 .PHONY: test-chaos
 test-chaos:
-	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) $(GO) test -race -count=1 -timeout 60m -run 'TestLinearizability|TestCluster' ./internal/e2e/
+	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) $(GO) test -race -count=1 -timeout 60m -run 'TestLinearizability' ./internal/e2e/
+	CI=true $(GO) test -race -count=$(RUNS) -timeout 60m -run 'TestCluster' ./internal/e2e/
 
 ## up: install what is missing, build, start a local scheduler and agent, run a sample
 up:

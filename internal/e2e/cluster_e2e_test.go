@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"math/rand"
 	"os"
 	"path/filepath"
 	"sync"
@@ -170,7 +171,12 @@ func TestCluster(t *testing.T) {
 				mu.Unlock()
 			}
 		}()
-		time.Sleep(time.Second)
+		// When the leader dies is drawn from the chaos seed (logged), so
+		// repeated runs kill it at different points of the load.
+		seed, _ := chaosSettings(t)
+		delay := time.Duration(300+rand.New(rand.NewSource(seed)).Intn(1700)) * time.Millisecond
+		t.Logf("chaos seed %d: killing the leader %s after %v of load", seed, lead.id, delay)
+		time.Sleep(delay)
 		kill9(lead.cmd)
 		newLead := c.leader(t, others)
 		time.Sleep(2 * time.Second)

@@ -42,13 +42,10 @@ const (
 	linOpTimeout = 5 * time.Second
 )
 
-// TestLinearizability drives a key-value register, built on replicated
-// templates, from several clients through every server while leaders are
-// killed -9 and restarted, and checks the history with porcupine: every
-// acknowledged put, delete and get must fit one sequential order that
-// respects real time. Afterwards every server converges on the same state.
-func TestLinearizability(t *testing.T) {
-	base := time.Now().UnixNano()
+// chaosSettings reads the base seed and the number of runs.
+func chaosSettings(t *testing.T) (base int64, runs int) {
+	t.Helper()
+	base = time.Now().UnixNano()
 	if s := os.Getenv(chaosSeedEnv); s != "" {
 		v, err := strconv.ParseInt(s, 10, 64)
 		if err != nil {
@@ -56,7 +53,7 @@ func TestLinearizability(t *testing.T) {
 		}
 		base = v
 	}
-	runs := 1
+	runs = 1
 	if s := os.Getenv(chaosRunsEnv); s != "" {
 		v, err := strconv.Atoi(s)
 		if err != nil || v < 1 {
@@ -64,6 +61,16 @@ func TestLinearizability(t *testing.T) {
 		}
 		runs = v
 	}
+	return base, runs
+}
+
+// TestLinearizability drives a key-value register, built on replicated
+// templates, from several clients through every server while leaders are
+// killed -9 and restarted, and checks the history with porcupine: every
+// acknowledged put, delete and get must fit one sequential order that
+// respects real time. Afterwards every server converges on the same state.
+func TestLinearizability(t *testing.T) {
+	base, runs := chaosSettings(t)
 	t.Logf("chaos base seed %d, %d run(s); replay run N with %s=<its seed> %s=1", base, runs, chaosSeedEnv, chaosRunsEnv)
 	for i := range runs {
 		seed := base + int64(i)
