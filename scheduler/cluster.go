@@ -38,6 +38,14 @@ func (s *Scheduler) leaderSetup(ctx context.Context) error {
 	return nil
 }
 
+// recorded reports whether the replicated state holds this server's current
+// addresses (a restored snapshot may hold another cluster's).
+func (s *Scheduler) recorded() bool {
+	cur, ok := s.fsm.Server(s.cfg.Self.GetId())
+	return ok && cur.GetAddress() == s.cfg.Self.GetAddress() &&
+		cur.GetApiAddress() == s.cfg.Self.GetApiAddress() && cur.GetInternalAddress() == s.cfg.Self.GetInternalAddress()
+}
+
 // putServer records a server's addresses unless they are recorded already.
 func (s *Scheduler) putServer(ctx context.Context, srv *sandboxv1.Server) error {
 	if cur, ok := s.fsm.Server(srv.GetId()); ok && cur.GetAddress() == srv.GetAddress() &&
@@ -50,7 +58,7 @@ func (s *Scheduler) putServer(ctx context.Context, srv *sandboxv1.Server) error 
 // registerSelf, on a follower, asks the leader to record this server's
 // addresses (and to add it as a voter, which is a no-op once it is one).
 func (s *Scheduler) registerSelf(ctx context.Context) {
-	if _, ok := s.fsm.Server(s.cfg.Self.GetId()); ok {
+	if s.recorded() {
 		return
 	}
 	target := s.leaderAddress(InternalPort)

@@ -197,7 +197,6 @@ func (s *Scheduler) reportSessionExit(ctx context.Context, req *agentv1.ReportSe
 // report declared LOST, and ended sessions past retention purged.
 func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 	defer s.purge(ctx, now)
-	s.sweepAgents(ctx, now)
 	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
 		st := sandbox.SessionState(x.GetState())
 		return st == sandbox.SessionRunning || st == sandbox.SessionTerminating

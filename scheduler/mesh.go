@@ -18,6 +18,28 @@ type Mesh interface {
 	Members() []membership.Member
 }
 
+// agentSweepInterval is how often the leader checks the mesh for dead agents.
+const agentSweepInterval = 200 * time.Millisecond
+
+// watchAgents sweeps the mesh's verdicts while this server leads, until ctx ends.
+func (s *Scheduler) watchAgents(ctx context.Context) {
+	if s.cfg.Mesh == nil {
+		return
+	}
+	t := time.NewTicker(agentSweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if s.raft.IsLeader() {
+				s.sweepAgents(ctx, now)
+			}
+		}
+	}
+}
+
 // meshAgents returns the mesh's state of every agent member by agent id.
 func (s *Scheduler) meshAgents() map[string]membership.Member {
 	out := map[string]membership.Member{}
@@ -32,8 +54,10 @@ func (s *Scheduler) meshAgents() map[string]membership.Member {
 // sweepAgents (leader only) turns the mesh's verdicts into replicated state.
 // An agent the mesh reports failed, left or unknown for longer than
 // AgentDeadGrace is committed DEAD or LEFT and its sessions and unfinished
-// executions LOST. The grace lets an agent that is restarted at once (kill -9,
-// then start) come back and re-adopt its containers instead.
+// executions LOST. The grace (1 s by default: with about 1 s of detection a
+// dead agent's sessions end LOST within about 2-3 s) lets an agent that is
+// restarted at once (kill -9, then start) come back and re-adopt its
+// containers instead.
 func (s *Scheduler) sweepAgents(ctx context.Context, now time.Time) {
 	if s.cfg.Mesh == nil {
 		return

@@ -79,7 +79,7 @@ func DefaultConfig() Config {
 		DefaultMaxLifetime:   24 * time.Hour,
 		Retention:            24 * time.Hour,
 		ReconcileInterval:    30 * time.Second,
-		AgentDeadGrace:       5 * time.Second,
+		AgentDeadGrace:       time.Second,
 		Logger:               slog.Default(),
 	}
 }
@@ -156,6 +156,15 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 
 // Run does the leader's work while this server leads, until ctx ends.
 func (s *Scheduler) Run(ctx context.Context) error {
+	// Agent failures are swept on their own, faster loop, so that a slow
+	// housekeeping pass never delays declaring a dead agent's sessions LOST.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		s.watchAgents(ctx)
+	}()
 	t := time.NewTicker(s.cfg.HousekeepingInterval)
 	defer t.Stop()
 	bootstrapped := false
@@ -183,6 +192,11 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			lastReconcile = time.Now()
 		}
 		now := time.Now()
+		if !s.recorded() { // after a snapshot restore
+			if err := s.putServer(ctx, s.cfg.Self); err != nil {
+				s.log.Warn("recording this server's addresses", "err", err)
+			}
+		}
 		s.housekeep(ctx, now)
 		if now.Sub(lastReconcile) >= s.cfg.ReconcileInterval {
 			s.reconcileAll(ctx)

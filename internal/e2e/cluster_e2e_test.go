@@ -293,9 +293,13 @@ func TestCluster(t *testing.T) {
 
 	t.Run("a dead agent's sessions end LOST with a reason", func(t *testing.T) {
 		c.useServer(c.leader(t, liveServers(c)))
+		// The session lands on the only agent; then a second one joins.
 		sess := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
 		exec := c.execute(&sandboxv1.ExecuteRequest{SessionId: sess.GetId(), Language: "python", Code: "import time; time.sleep(300)", Async: true})
-		kill9(c.agent)
+		other := c.startSecondAgent()
+		victim, survivor := c.agent, other.id
+		killed := time.Now()
+		kill9(victim)
 		deadline := time.Now().Add(60 * time.Second)
 		for {
 			got, err := c.sessions.GetSession(ctx, connect.NewRequest(&sandboxv1.GetSessionRequest{SessionId: sess.GetId()}))
@@ -303,7 +307,7 @@ func TestCluster(t *testing.T) {
 				if got.Msg.GetSession().GetStateReason() == "" {
 					t.Error("LOST without a reason")
 				}
-				t.Logf("LOST: %s", got.Msg.GetSession().GetStateReason())
+				t.Logf("LOST %v after the kill: %s", time.Since(killed).Round(time.Millisecond), got.Msg.GetSession().GetStateReason())
 				break
 			}
 			if time.Now().After(deadline) {
@@ -315,6 +319,12 @@ func TestCluster(t *testing.T) {
 		if err != nil || e.Msg.GetExecution().GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_LOST {
 			t.Fatalf("execution of a dead agent: %v %v", e, err)
 		}
+		// New sessions go to the surviving agent.
+		next := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
+		if next.GetAgentId() != survivor {
+			t.Errorf("a new session went to %s, want the surviving agent %s", next.GetAgentId(), survivor)
+		}
+		c.terminate(next.GetId())
 		// The agent comes back, re-adopts the container, learns its session
 		// is gone and removes it.
 		c.startAgent(c.containerd)

@@ -226,6 +226,29 @@ func (c *cluster) startAgent(containerdAddr string) {
 	c.agent = cmd
 }
 
+// secondAgent is another agent process on the same host, for tests that
+// need somewhere else for sessions to go.
+type secondAgent struct {
+	id, addr, gossip string
+	cmd              *exec.Cmd
+}
+
+// startSecondAgent starts one more agent; the cluster stops it at the end.
+func (c *cluster) startSecondAgent() *secondAgent {
+	a := &secondAgent{id: c.agentID + "-b", addr: freePort(c.t), gossip: freePort(c.t)}
+	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"),
+		"--id", a.id, "--data-dir", filepath.Join(c.dir, "agent-b"),
+		"--listen", a.addr, "--server", c.serverURLs(), "--gossip-join", c.gossipAddrs(), "--gossip-addr", a.gossip,
+		"--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
+		"--containerd-address", c.containerd, "--log-level", "debug")
+	cmd.Stdout = c.logFile("agent-b")
+	cmd.Stderr = cmd.Stdout
+	must(c.t, cmd.Start())
+	a.cmd = cmd
+	c.t.Cleanup(func() { stopProcess(cmd) })
+	return a
+}
+
 // serverURLs lists every server's internal URL, for the agent.
 func (c *cluster) serverURLs() string {
 	var urls []string
