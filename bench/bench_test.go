@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"testing"
 	"time"
 )
@@ -16,5 +17,17 @@ func TestSummarize(t *testing.T) {
 	}
 	if r := summarize("empty", nil); r.Count != 0 || r.P99 != 0 {
 		t.Fatalf("%+v", r)
+	}
+}
+
+// TestPlacementScenario smokes the placement scenario at a small size: it
+// asserts only that placements happened and that none overcommitted.
+func TestPlacementScenario(t *testing.T) {
+	res, err := runPlacement(context.Background(), PlacementConfig{Agents: 100, Concurrency: 16, Duration: 2 * time.Second, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Latency.Count == 0 || res.Overcommitted != 0 || res.Errors != 0 {
+		t.Fatalf("placement scenario: %+v", res)
 	}
 }

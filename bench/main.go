@@ -1,10 +1,18 @@
-// Command bench measures the latency a client sees against a running
-// cluster: CreateSession, Execute `print(1)` in a running session, and
-// TerminateSession. It prints count, p50, p90, p99 and max per scenario and,
-// with -json, writes them as JSON. The warm-pools work grows it into the full
-// harness (scenarios, baselines, charts).
+// Command bench produces the project's performance numbers.
 //
-//	go run ./bench -n 100            # against the make up cluster
+// The default scenario, latency, measures what a client sees against a
+// running cluster: CreateSession, Execute `print(1)` in a running session,
+// and TerminateSession. It prints count, p50, p90, p99 and max per scenario
+// and, with -json, writes them as JSON.
+//
+// The placement scenario needs no cluster: it builds three in-process
+// servers (in-memory Raft transport, bbolt log stores), registers -agents
+// simulated agents and places sessions (pick an agent, commit the session
+// through Raft: scheduler.PlaceSession) from -concurrency goroutines for
+// -duration, then prints placements per second and their latency.
+//
+//	go run ./bench -n 100                          # against the make up cluster
+//	go run ./bench -scenario placement -json out.json
 package main
 
 import (
@@ -13,7 +21,9 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -55,8 +65,34 @@ func main() {
 		n        = flag.Int("n", 100, "runs per scenario")
 		template = flag.String("template", "python-basic", "template to measure")
 		jsonOut  = flag.String("json", "", "also write the results as JSON to this file")
+		scenario = flag.String("scenario", "latency", "latency (against a running cluster) or placement (in-process)")
+		agents   = flag.Int("agents", 10000, "placement: simulated agents")
+		conc     = flag.Int("concurrency", 256, "placement: concurrent placements")
+		duration = flag.Duration("duration", 10*time.Second, "placement: how long to place")
+		cpuProf  = flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
 	)
 	flag.Parse()
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fatal(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	switch *scenario {
+	case "latency":
+	case "placement":
+		if err := placementMain(*agents, *conc, *duration, *jsonOut); err != nil {
+			pprof.StopCPUProfile()
+			fatal(err)
+		}
+		return
+	default:
+		fatal(fmt.Errorf("unknown scenario %q: want latency or placement", *scenario))
+	}
 	if *key == "" {
 		b, err := os.ReadFile(filepath.Join(".sandbox", "api-key"))
 		if err != nil {
@@ -137,4 +173,47 @@ func envOr(k, def string) string {
 func fatal(err error) {
 	fmt.Fprintln(os.Stderr, "bench:", err)
 	os.Exit(1)
+}
+
+// placementMain runs the placement scenario and reports it.
+func placementMain(agents, concurrency int, duration time.Duration, jsonOut string) error {
+	dir, cleanup, err := tempDir()
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	res, err := runPlacement(context.Background(), PlacementConfig{Agents: agents, Concurrency: concurrency, Duration: duration, Dir: dir})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("placement: %d agents, %d concurrent, %.1f s: %.0f placements/s (%d refused, %d errors, %d agents overcommitted)\n",
+		res.Agents, res.Concurrency, res.Seconds, res.PerSecond, res.Refused, res.Errors, res.Overcommitted)
+	r := res.Latency
+	fmt.Printf("%-28s %8s %9s %9s %9s %9s\n", "latency", "count", "p50 ms", "p90 ms", "p99 ms", "max ms")
+	fmt.Printf("%-28s %8d %9.2f %9.2f %9.2f %9.2f\n", r.Scenario, r.Count, r.P50, r.P90, r.P99, r.Max)
+	if jsonOut != "" {
+		out := struct {
+			Scenario string          `json:"scenario"`
+			Commit   string          `json:"commit"`
+			Date     string          `json:"date"`
+			Result   PlacementResult `json:"result"`
+		}{"placement", gitCommit(), time.Now().UTC().Format(time.RFC3339), res}
+		b, _ := json.MarshalIndent(out, "", "  ")
+		if err := os.WriteFile(jsonOut, append(b, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	if res.Overcommitted > 0 {
+		return fmt.Errorf("%d agents overcommitted", res.Overcommitted)
+	}
+	return nil
+}
+
+// gitCommit is the commit of the working tree, or "unknown".
+func gitCommit() string {
+	b, err := exec.Command("git", "rev-parse", "HEAD").Output()
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(b))
 }

@@ -33,8 +33,12 @@ func (s *Scheduler) watchAgents(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
+			// Placement reads liveness from this snapshot instead of asking
+			// the mesh once per agent.
+			members := s.cfg.Mesh.Members()
+			s.refreshLiveness(now, members)
 			if s.raft.IsLeader() {
-				s.sweepAgents(ctx, now)
+				s.sweepAgents(ctx, now, members)
 			}
 		}
 	}
@@ -42,8 +46,13 @@ func (s *Scheduler) watchAgents(ctx context.Context) {
 
 // meshAgents returns the mesh's state of every agent member by agent id.
 func (s *Scheduler) meshAgents() map[string]membership.Member {
+	return agentMembers(s.cfg.Mesh.Members())
+}
+
+// agentMembers returns the state of every agent member by agent id.
+func agentMembers(members []membership.Member) map[string]membership.Member {
 	out := map[string]membership.Member{}
-	for _, m := range s.cfg.Mesh.Members() {
+	for _, m := range members {
 		if m.Meta.GetRole() == agentv1.NodeMeta_ROLE_AGENT {
 			out[m.Meta.GetId()] = m
 		}
@@ -58,11 +67,11 @@ func (s *Scheduler) meshAgents() map[string]membership.Member {
 // dead agent's sessions end LOST within about 2-3 s) lets an agent that is
 // restarted at once (kill -9, then start) come back and re-adopt its
 // containers instead.
-func (s *Scheduler) sweepAgents(ctx context.Context, now time.Time) {
+func (s *Scheduler) sweepAgents(ctx context.Context, now time.Time, all []membership.Member) {
 	if s.cfg.Mesh == nil {
 		return
 	}
-	members := s.meshAgents()
+	members := agentMembers(all)
 	for _, a := range s.fsm.Agents() {
 		st := a.GetState()
 		if st != sandboxv1.NodeState_NODE_STATE_READY && st != sandboxv1.NodeState_NODE_STATE_DRAINING {
@@ -109,10 +118,4 @@ func (s *Scheduler) sweepAgents(ctx context.Context, now time.Time) {
 		delete(s.agentDown, a.GetId())
 		s.mu.Unlock()
 	}
-}
-
-// meshAlive reports whether the mesh sees an agent alive.
-func (s *Scheduler) meshAlive(id string) bool {
-	m, ok := s.meshAgents()[id]
-	return ok && (m.State == membership.StateAlive || m.State == membership.StateSuspect)
 }

@@ -1,13 +1,29 @@
 package scheduler
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	"github.com/sandboxhq/sandbox"
+	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/internal/membership"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
 )
+
+// maxPlaceAttempts bounds how often PlaceSession picks again after the FSM
+// refused its pick for lack of room (another placement took it first).
+const maxPlaceAttempts = 5
+
+// livenessTTL is how old the liveness snapshot placement uses may get.
+const livenessTTL = agentSweepInterval
 
 // candidate is an agent with what its live sessions already hold.
 type candidate struct {
@@ -19,80 +35,295 @@ type candidate struct {
 	warm int32
 }
 
-// pickAgent chooses where a session with limits l goes: among the agents that
-// can hold it without going over their capacity, one with a warm container
-// of its template if any, then the best fit (the one left with the least
-// free memory, then cpu), so that large holes stay open for large sessions.
-// It never overcommits.
+// picker keeps the best candidate seen so far for a session with limits l:
+// among the agents that can hold it without going over their capacity, one
+// with a warm container of its template if any, then the best fit (the one
+// left with the least free memory, then cpu), so that large holes stay open
+// for large sessions. It never overcommits.
+type picker struct {
+	l                sandbox.Limits
+	found            bool
+	best             candidate
+	bestMem, bestCPU int64
+}
+
+// better reports whether c fits and beats the best so far.
+func (p *picker) better(c candidate) bool {
+	return p.beats(int64(c.agent.GetCpuMillis())-c.cpuUsed, c.agent.GetMemoryMib()-c.memoryUse, c.warm)
+}
+
+// beats reports whether an agent with cpu and memory free and warm ready
+// containers fits and beats the best so far.
+func (p *picker) beats(cpuFree, memFree int64, warm int32) bool {
+	freeCPU := cpuFree - int64(p.l.CPUMillis)
+	freeMem := memFree - p.l.MemoryMiB
+	if freeCPU < 0 || freeMem < 0 {
+		return false
+	}
+	return !p.found ||
+		(warm > 0 && p.best.warm == 0) ||
+		((warm > 0) == (p.best.warm > 0) && (freeMem < p.bestMem || (freeMem == p.bestMem && freeCPU < p.bestCPU)))
+}
+
+// take makes c the best; the caller checked better(c).
+func (p *picker) take(c candidate) {
+	p.found, p.best = true, c
+	p.bestCPU = int64(c.agent.GetCpuMillis()) - c.cpuUsed - int64(p.l.CPUMillis)
+	p.bestMem = c.agent.GetMemoryMib() - c.memoryUse - p.l.MemoryMiB
+}
+
+// pickAgent chooses where a session with limits l goes among cands (see picker).
 func pickAgent(cands []candidate, l sandbox.Limits) (*statev1.Agent, error) {
-	if len(cands) == 0 {
-		return nil, fmt.Errorf("%w: no agent is registered and alive; start sandbox-agent on a host", sandbox.ErrUnavailable)
-	}
-	var best *candidate
-	var bestMem, bestCPU int64
-	for i := range cands {
-		c := &cands[i]
-		freeCPU := int64(c.agent.GetCpuMillis()) - c.cpuUsed - int64(l.CPUMillis)
-		freeMem := c.agent.GetMemoryMib() - c.memoryUse - l.MemoryMiB
-		if freeCPU < 0 || freeMem < 0 {
-			continue
-		}
-		better := best == nil ||
-			(c.warm > 0 && best.warm == 0) ||
-			((c.warm > 0) == (best.warm > 0) && (freeMem < bestMem || (freeMem == bestMem && freeCPU < bestCPU)))
-		if better {
-			best, bestMem, bestCPU = c, freeMem, freeCPU
+	p := picker{l: l}
+	for _, c := range cands {
+		if p.better(c) {
+			p.take(c)
 		}
 	}
-	if best == nil {
-		return nil, fmt.Errorf("%w: no agent has room for %d cpu millis and %d MiB (%d agents alive)", sandbox.ErrResourceExhausted, l.CPUMillis, l.MemoryMiB, len(cands))
+	if !p.found {
+		return nil, noRoom(len(cands), l)
 	}
-	return best.agent, nil
+	return p.best.agent, nil
 }
 
-// place picks an agent for a new session from the live agents and the live sessions.
-func (s *Scheduler) place(l sandbox.Limits, templateID string) (*statev1.Agent, error) {
-	now := time.Now()
-	var cands []candidate
-	idx := map[string]int{}
-	for _, a := range s.fsm.Agents() {
-		if a.GetState() != sandboxv1.NodeState_NODE_STATE_READY || !s.agentAlive(a.GetId(), now) {
-			continue
-		}
-		idx[a.GetId()] = len(cands)
-		cands = append(cands, candidate{agent: a, warm: s.warmContainers(a.GetId(), templateID)})
+func noRoom(alive int, l sandbox.Limits) error {
+	if alive == 0 {
+		return fmt.Errorf("%w: no agent is registered and alive; start sandbox-agent on a host", sandbox.ErrUnavailable)
 	}
-	for _, sess := range s.fsm.Sessions(func(sess *sandboxv1.Session) bool {
-		return sandbox.SessionState(sess.GetState()).Live()
-	}) {
-		i, ok := idx[sess.GetAgentId()]
-		if !ok {
-			continue
-		}
-		cands[i].cpuUsed += int64(sess.GetResourceLimits().GetCpuMillis())
-		cands[i].memoryUse += sess.GetResourceLimits().GetMemoryMib()
-	}
-	return pickAgent(cands, l)
+	return fmt.Errorf("%w: no agent has room for %d cpu millis and %d MiB (%d agents alive)", sandbox.ErrResourceExhausted, l.CPUMillis, l.MemoryMiB, alive)
 }
 
-// agentAlive reports whether the gossip mesh sees the agent alive; without a
-// mesh, whether the agent has not gone silent on this server (one this
-// server has not heard from yet counts as alive: the replicated state says
-// READY).
-func (s *Scheduler) agentAlive(id string, now time.Time) bool {
-	if s.cfg.Mesh != nil {
-		return s.meshAlive(id)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	seen, ok := s.agentSeen[id]
-	return !ok || now.Sub(seen) < s.cfg.AgentTimeout
+// liveness is a snapshot of which agents may take new sessions and what
+// their warm pools hold, so that a placement does not ask the mesh (or
+// lock the scheduler) once per agent.
+type liveness struct {
+	at   time.Time
+	mesh bool
+	// alive (with a mesh) holds the agents the mesh sees alive or suspect.
+	alive map[string]bool
+	// stale (without a mesh) holds the agents that registered with this
+	// server and then went silent for AgentTimeout; one this server has not
+	// heard from yet counts as alive, since the replicated state says READY.
+	stale map[string]bool
+	// warm holds, per template id, the agents with ready containers of it.
+	warm map[string]map[string]int32
 }
 
-// warmContainers is what the mesh says an agent holds ready for a template.
-func (s *Scheduler) warmContainers(agentID, templateID string) int32 {
-	if s.cfg.Mesh == nil {
-		return 0
+func (v *liveness) ok(agentID string) bool {
+	if v.mesh {
+		return v.alive[agentID]
 	}
-	return s.meshAgents()[agentID].Meta.GetWarm()[templateID]
+	return !v.stale[agentID]
+}
+
+// placementState is the leader's view that placement keeps between calls.
+type placementState struct {
+	live   atomic.Pointer[liveness]
+	liveMu sync.Mutex // serialises rebuilding live
+
+	// mu serialises picking, so that the reservations below count every
+	// pick this server has made but not yet committed.
+	mu sync.Mutex
+	// inflight is what picks not yet committed hold, by agent id.
+	inflight map[string]*reservation
+}
+
+type reservation struct {
+	cpuMillis, memoryMiB int64
+	n                    int
+}
+
+// liveView returns a liveness snapshot at most livenessTTL old.
+func (s *Scheduler) liveView(now time.Time) *liveness {
+	if v := s.placement.live.Load(); v != nil && now.Sub(v.at) < livenessTTL {
+		return v
+	}
+	s.placement.liveMu.Lock()
+	defer s.placement.liveMu.Unlock()
+	if v := s.placement.live.Load(); v != nil && now.Sub(v.at) < livenessTTL {
+		return v
+	}
+	return s.refreshLiveness(now, nil)
+}
+
+// refreshLiveness rebuilds the liveness snapshot, from members when given
+// (the mesh's member list a sweep already fetched), and stores it.
+func (s *Scheduler) refreshLiveness(now time.Time, members []membership.Member) *liveness {
+	v := &liveness{at: now, mesh: s.cfg.Mesh != nil, warm: map[string]map[string]int32{}}
+	if v.mesh {
+		if members == nil {
+			members = s.cfg.Mesh.Members()
+		}
+		v.alive = make(map[string]bool, len(members))
+		for _, m := range members {
+			if m.Meta.GetRole() != agentv1.NodeMeta_ROLE_AGENT {
+				continue
+			}
+			id := m.Meta.GetId()
+			if m.State == membership.StateAlive || m.State == membership.StateSuspect {
+				v.alive[id] = true
+			}
+			for tmpl, n := range m.Meta.GetWarm() {
+				if n <= 0 {
+					continue
+				}
+				if v.warm[tmpl] == nil {
+					v.warm[tmpl] = map[string]int32{}
+				}
+				v.warm[tmpl][id] = n
+			}
+		}
+	} else {
+		v.stale = map[string]bool{}
+		s.mu.Lock()
+		for id, seen := range s.agentSeen {
+			if now.Sub(seen) >= s.cfg.AgentTimeout {
+				v.stale[id] = true
+			}
+		}
+		s.mu.Unlock()
+	}
+	s.placement.live.Store(v)
+	return v
+}
+
+// place picks an agent for a session with limits l of a template and
+// reserves its room until release is called (once the pick is committed or
+// abandoned). It scans every agent once, with what the FSM's index says its
+// live sessions hold plus this server's reservations, and allocates nothing
+// per agent: liveness comes from a snapshot, and the mesh, the reservations
+// and the liveness are consulted only for an agent that would beat the best
+// so far. A reservation is checked for fit; ranking uses committed usage.
+func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.Agent, release func(), err error) {
+	view := s.liveView(time.Now())
+	warm := view.warm[templateID]
+	ps := &s.placement
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	p := picker{l: l}
+	var bestID string
+	s.fsm.ForEachAgentLoad(func(a *statev1.Agent, ld *fsm.AgentLoad) {
+		if ld.State != sandboxv1.NodeState_NODE_STATE_READY {
+			return
+		}
+		var w int32
+		if warm != nil {
+			w = warm[a.GetId()]
+		}
+		if !p.beats(ld.CPUMillis-ld.CPUUsed, ld.MemoryMiB-ld.MemoryUsed, w) || !view.ok(a.GetId()) {
+			return
+		}
+		c := candidate{agent: a, cpuUsed: ld.CPUUsed, memoryUse: ld.MemoryUsed, warm: w}
+		if r, ok := ps.inflight[a.GetId()]; ok {
+			c.cpuUsed += r.cpuMillis
+			c.memoryUse += r.memoryMiB
+			if !p.better(c) {
+				return
+			}
+		}
+		p.take(c)
+		bestID = a.GetId()
+	})
+	if !p.found {
+		alive := 0
+		s.fsm.ForEachAgent(func(a *statev1.Agent, _, _ int64, _ int32) {
+			if a.GetState() == sandboxv1.NodeState_NODE_STATE_READY && view.ok(a.GetId()) {
+				alive++
+			}
+		})
+		return nil, nil, noRoom(alive, l)
+	}
+	agent, ok := s.fsm.Agent(bestID)
+	if !ok {
+		return nil, nil, fmt.Errorf("%w: agent %s vanished during placement", sandbox.ErrUnavailable, bestID)
+	}
+	if ps.inflight == nil {
+		ps.inflight = map[string]*reservation{}
+	}
+	r := ps.inflight[bestID]
+	if r == nil {
+		r = &reservation{}
+		ps.inflight[bestID] = r
+	}
+	r.cpuMillis += int64(l.CPUMillis)
+	r.memoryMiB += l.MemoryMiB
+	r.n++
+	var once sync.Once
+	return agent, func() {
+		once.Do(func() {
+			ps.mu.Lock()
+			defer ps.mu.Unlock()
+			r.cpuMillis -= int64(l.CPUMillis)
+			r.memoryMiB -= l.MemoryMiB
+			if r.n--; r.n == 0 {
+				delete(ps.inflight, bestID)
+			}
+		})
+	}, nil
+}
+
+// SessionSpec is what a new session carries besides its template and limits.
+type SessionSpec struct {
+	Env         map[string]string
+	Labels      map[string]string
+	IdleTimeout time.Duration
+	MaxLifetime time.Duration
+	Tenant      string
+	// IdempotencyKey, when set, makes a retried request find the session
+	// the first one created.
+	IdempotencyKey string
+}
+
+// Placement is the outcome of PlaceSession.
+type Placement struct {
+	// Session is the committed session, STARTING on Agent.
+	Session *sandboxv1.Session
+	Agent   *statev1.Agent
+	// Existing, when not empty, is the id of the session an earlier request
+	// with the same idempotency key created; Session and Agent are then nil.
+	Existing string
+}
+
+// PlaceSession is the part of creating a session before any agent is
+// called: it picks an agent (see place) and commits the session STARTING
+// there through Raft. Should the FSM refuse the commit because another
+// placement took the room first, it picks again, a bounded number of times.
+// Leader only: placement trusts this server's view of the committed state.
+func (s *Scheduler) PlaceSession(ctx context.Context, tmpl *sandboxv1.Template, limits sandbox.Limits, spec SessionSpec) (*Placement, error) {
+	now := timestamppb.Now()
+	sess := &sandboxv1.Session{
+		Id:                 newID("ses"),
+		TemplateId:         tmpl.GetId(),
+		State:              sandboxv1.SessionState_SESSION_STATE_STARTING,
+		CreatedAt:          now,
+		LastActiveAt:       now,
+		ResourceLimits:     limitsToProto(limits),
+		Env:                spec.Env,
+		Labels:             spec.Labels,
+		IdleTimeoutSeconds: int32(spec.IdleTimeout / time.Second),
+		MaxLifetimeSeconds: int32(spec.MaxLifetime / time.Second),
+		Tenant:             spec.Tenant,
+	}
+	var err error
+	for attempt := 1; attempt <= maxPlaceAttempts; attempt++ {
+		agent, release, perr := s.place(limits, tmpl.GetId())
+		if perr != nil {
+			return nil, perr
+		}
+		sess.AgentId = agent.GetId()
+		var resp any
+		resp, err = s.raft.Apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: spec.IdempotencyKey})
+		release()
+		switch {
+		case err == nil:
+			if ex, ok := resp.(fsm.Existing); ok {
+				return &Placement{Existing: ex.ID}, nil
+			}
+			return &Placement{Session: sess, Agent: agent}, nil
+		case !errors.Is(err, sandbox.ErrResourceExhausted):
+			return nil, err
+		}
+		s.log.Debug("placement lost a race for room; picking again", "session", sess.GetId(), "agent", agent.GetId(), "attempt", attempt)
+	}
+	return nil, fmt.Errorf("session %s: gave up placing after %d attempts: %w", sess.GetId(), maxPlaceAttempts, err)
 }

@@ -1,11 +1,17 @@
 package scheduler
 
 import (
+	"context"
 	"errors"
+	"sync"
 	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/sandboxhq/sandbox"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
 )
 
 func TestPickAgent(t *testing.T) {
@@ -76,5 +82,92 @@ func TestPaginate(t *testing.T) {
 	}
 	if _, _, err := paginate(all, -1, ""); !errors.Is(err, sandbox.ErrInvalidArgument) {
 		t.Fatalf("negative size: %v", err)
+	}
+}
+
+// TestPlaceSessionNeverOvercommits races placements from two schedulers
+// over one Raft node: their reservations do not see each other, so only the
+// FSM's capacity check keeps them apart, and a refused pick is placed again.
+func TestPlaceSessionNeverOvercommits(t *testing.T) {
+	s1, f := newTestScheduler(t)
+	s2 := New(s1.cfg, f, s1.raft)
+	ctx := context.Background()
+	const perAgent = 8
+	limits := sandbox.Limits{CPUMillis: 500, MemoryMiB: 256}
+	for _, id := range []string{"a1", "a2"} {
+		if err := s1.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+			Id: id, Address: "127.0.0.1:1", CpuMillis: perAgent * 500, MemoryMib: perAgent * 256 * 4, RegisteredAt: timestamppb.Now(),
+		}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tmpl, ok := f.Template("python-basic")
+	if !ok {
+		t.Fatal("no python-basic template")
+	}
+	const tries = 3 * 2 * perAgent
+	var wg sync.WaitGroup
+	errs := make(chan error, tries)
+	for i := range tries {
+		s := s1
+		if i%2 == 1 {
+			s = s2
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := s.PlaceSession(ctx, tmpl, limits, SessionSpec{Tenant: "t"})
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	placed := 0
+	for err := range errs {
+		switch {
+		case err == nil:
+			placed++
+		case !errors.Is(err, sandbox.ErrResourceExhausted):
+			t.Errorf("PlaceSession: %v, want success or ErrResourceExhausted", err)
+		}
+	}
+	if placed != 2*perAgent {
+		t.Errorf("placed %d sessions, want %d (every slot filled)", placed, 2*perAgent)
+	}
+	f.ForEachAgent(func(a *statev1.Agent, cpu, mem int64, n int32) {
+		if cpu > int64(a.GetCpuMillis()) || mem > a.GetMemoryMib() || n != perAgent {
+			t.Errorf("agent %s holds %d millis, %d MiB in %d sessions; capacity %d millis", a.GetId(), cpu, mem, n, a.GetCpuMillis())
+		}
+	})
+}
+
+func TestPlaceSkipsSilentAgents(t *testing.T) {
+	s, _ := newTestScheduler(t)
+	ctx := context.Background()
+	for _, id := range []string{"quiet", "talking"} {
+		if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+			Id: id, CpuMillis: 4000, MemoryMib: 4096, RegisteredAt: timestamppb.Now(),
+		}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.mu.Lock()
+	s.agentSeen["quiet"] = time.Now().Add(-2 * s.cfg.AgentTimeout)
+	s.agentSeen["talking"] = time.Now()
+	s.mu.Unlock()
+	// "quiet" has less room left after the session, so best fit would take it.
+	if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+		Id: "quiet", CpuMillis: 1000, MemoryMib: 1024, RegisteredAt: timestamppb.Now(),
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	s.refreshLiveness(time.Now(), nil)
+	a, release, err := s.place(sandbox.Limits{CPUMillis: 500, MemoryMiB: 512}, "python-basic")
+	if err != nil {
+		t.Fatal(err)
+	}
+	release()
+	if a.GetId() != "talking" {
+		t.Errorf("placed on %s, want talking", a.GetId())
 	}
 }

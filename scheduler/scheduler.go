@@ -126,6 +126,9 @@ type Scheduler struct {
 
 	proxiesMu sync.Mutex
 	proxies   map[string]*httputil.ReverseProxy
+
+	// placement is what picking agents keeps between calls (placement.go).
+	placement placementState
 }
 
 // New returns a scheduler over an FSM and the Raft node that feeds it.

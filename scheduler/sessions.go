@@ -63,33 +63,17 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 			return s.awaitSession(ctx, id)
 		}
 	}
-	agent, err := s.place(limits, tmpl.GetId())
+	placed, err := s.PlaceSession(ctx, tmpl, limits, SessionSpec{
+		Env: req.GetEnv(), Labels: req.GetLabels(), IdleTimeout: idle, MaxLifetime: maxLife,
+		Tenant: tenant, IdempotencyKey: req.GetIdempotencyKey(),
+	})
 	if err != nil {
 		return nil, err
 	}
-
-	now := timestamppb.Now()
-	sess := &sandboxv1.Session{
-		Id:                 newID("ses"),
-		TemplateId:         tmpl.GetId(),
-		State:              sandboxv1.SessionState_SESSION_STATE_STARTING,
-		AgentId:            agent.GetId(),
-		CreatedAt:          now,
-		LastActiveAt:       now,
-		ResourceLimits:     limitsToProto(limits),
-		Env:                req.GetEnv(),
-		Labels:             req.GetLabels(),
-		IdleTimeoutSeconds: int32(idle / time.Second),
-		MaxLifetimeSeconds: int32(maxLife / time.Second),
-		Tenant:             tenant,
+	if placed.Existing != "" {
+		return s.awaitSession(ctx, placed.Existing)
 	}
-	resp, err := s.raft.Apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: req.GetIdempotencyKey()})
-	if err != nil {
-		return nil, err
-	}
-	if ex, ok := resp.(fsm.Existing); ok {
-		return s.awaitSession(ctx, ex.ID)
-	}
+	sess, agent := placed.Session, placed.Agent
 
 	// From here the session exists: finish what was started even if the
 	// client goes away, so that no container is left without a record.

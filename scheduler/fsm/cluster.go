@@ -32,7 +32,7 @@ func (f *FSM) registerAgent(m *statev1.RegisterAgent) any {
 		a.StateReason = ""
 		a.StateChangedAt = a.GetRegisteredAt()
 	}
-	f.agents[a.GetId()] = a
+	f.storeAgent(a)
 	return nil
 }
 
@@ -52,7 +52,7 @@ func (f *FSM) setAgentState(m *statev1.SetAgentState) any {
 	a.State = to
 	a.StateReason = m.GetReason()
 	a.StateChangedAt = m.GetAt()
-	f.agents[id] = a
+	f.storeAgent(a)
 	return nil
 }
 

@@ -28,7 +28,12 @@
 //   - PutTemplate upserts a template by id. CreateTemplate adds one and
 //     refuses an existing id, so concurrent creates cannot both succeed. DeleteTemplate refuses a missing
 //     template, a built-in one, and one that a live session still uses.
-//   - CreateSession refuses an existing id and a missing template.
+//   - CreateSession refuses an existing id and a missing template, and
+//     (ErrResourceExhausted) a live session that would take its registered
+//     agent over the agent's cpu or memory capacity, counting what the live
+//     sessions already placed there hold (see ForEachAgent). So concurrent
+//     placements can never both take an agent's last room. A session on an
+//     agent the state does not know is not checked.
 //     With an idempotency key, see Idempotency below.
 //   - UpdateSession moves a session along sandbox.SessionState.CanTransition;
 //     the same state again is a successful no-op that still records a given
@@ -170,6 +175,13 @@ type FSM struct {
 	bySession map[string]map[string]struct{}
 	agents    map[string]*statev1.Agent
 	servers   map[string]*sandboxv1.Server
+	// agentList holds every registered agent with what its live sessions
+	// hold, densely, for placement to scan (see alloc.go); agentPos indexes
+	// it by agent id; orphans holds what live sessions hold on agent ids
+	// not registered (yet).
+	orphans   map[string]*usage
+	agentList []agentSlot
+	agentPos  map[string]int
 	// idempotency holds the records by scoped key (see idempotencyKey), and
 	// idempotencyOf indexes the scoped key by the record it names (see
 	// recordKey), so that a purge finds them without a scan.
@@ -212,6 +224,9 @@ func (f *FSM) reset() {
 	f.bySession = make(map[string]map[string]struct{})
 	f.agents = make(map[string]*statev1.Agent)
 	f.servers = make(map[string]*sandboxv1.Server)
+	f.orphans = make(map[string]*usage)
+	f.agentList = nil
+	f.agentPos = make(map[string]int)
 	f.idempotency = make(map[string]*statev1.IdempotencyRecord)
 	f.idempotencyOf = make(map[string]string)
 }
@@ -356,9 +371,13 @@ func (f *FSM) createSession(m *statev1.CreateSession) any {
 	if _, ok := f.templates[s.GetTemplateId()]; !ok {
 		return fmt.Errorf("%w: template %q for session %q", sandbox.ErrNotFound, s.GetTemplateId(), id)
 	}
+	if err := f.checkRoom(s); err != nil {
+		return err
+	}
 	// The decoded message belongs to this call alone, so storing it is
 	// storing a private copy.
 	f.sessions[id] = s
+	f.account(s, 1)
 	f.remember(ikey, KindSession, id, s.GetCreatedAt())
 	f.notifySession(id)
 	return nil
@@ -393,6 +412,8 @@ func (f *FSM) updateSession(m *statev1.UpdateSession) any {
 	if proto.Equal(s, cur) {
 		return nil
 	}
+	f.account(cur, -1)
+	f.account(s, 1)
 	f.sessions[id] = s
 	f.notifySession(id)
 	return nil
@@ -653,6 +674,14 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	for _, s := range snap.GetSessions() {
 		f.sessions[s.GetId()] = s
 	}
+	for _, a := range snap.GetAgents() {
+		f.storeAgent(a)
+	}
+	// Usage is derived state: count it again, in id order so that it is
+	// built the same way on every server.
+	for _, s := range snap.GetSessions() {
+		f.account(s, 1)
+	}
 	for _, e := range snap.GetExecutions() {
 		f.executions[e.GetId()] = e
 		idx := f.bySession[e.GetSessionId()]
@@ -661,9 +690,6 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 			f.bySession[e.GetSessionId()] = idx
 		}
 		idx[e.GetId()] = struct{}{}
-	}
-	for _, a := range snap.GetAgents() {
-		f.agents[a.GetId()] = a
 	}
 	for _, sv := range snap.GetServers() {
 		f.servers[sv.GetId()] = sv

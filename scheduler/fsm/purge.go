@@ -34,6 +34,7 @@ func (f *FSM) purgeSessions(m *statev1.PurgeSessions) any {
 			p.Executions++
 		}
 		delete(f.bySession, sid)
+		f.account(s, -1) // a terminal session holds nothing; kept for symmetry
 		delete(f.sessions, sid)
 		f.forget(KindSession, sid)
 		f.notifySession(sid)
