@@ -163,7 +163,10 @@ func (a *Agent) startSession(ctx context.Context, p startParams) (string, error)
 		}
 		return "", fmt.Errorf("%w: session %s already has container %s on agent %s", sandbox.ErrAlreadyExists, p.SessionID, s.containerID, a.cfg.ID)
 	}
-	launchCtx, cancelLaunch := context.WithCancel(ctx)
+	// The start finishes even if the server that asked goes away (a leader
+	// killed mid-call): the next leader finds the container running and
+	// adopts the session. StopSession still cancels it.
+	launchCtx, cancelLaunch := context.WithTimeout(context.WithoutCancel(ctx), maxStartTime)
 	defer cancelLaunch()
 	s := a.newSession(p.SessionID, containerID, p.TemplateID, p.Image, p.Token, dir, p.Limits)
 	s.state = sessionStarting
@@ -557,3 +560,7 @@ func validateToken(tok string) error {
 func (a *Agent) executorLog(containerID string) string {
 	return filepath.Join(a.cfg.DataDir, "logs", containerID+".log")
 }
+
+// maxStartTime bounds one session start (image unpack, container, executor
+// health), independently of the caller's deadline.
+const maxStartTime = 2 * time.Minute

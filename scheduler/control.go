@@ -226,7 +226,15 @@ func (s *Scheduler) housekeep(ctx context.Context, now time.Time) {
 			s.log.Warn("idle session stop", "session", sess.GetId(), "err", err)
 		}
 	}
-	stuck := map[string]bool{} // agents holding executions that may never have been handed over
+	stuck := map[string]bool{} // agents holding work a previous leader may have left half done
+	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
+		st := sandbox.SessionState(x.GetState())
+		return (st == sandbox.SessionStarting || st == sandbox.SessionPending) && now.Sub(x.GetCreatedAt().AsTime()) >= orphanedStartGrace
+	}) {
+		if !s.isStarting(sess.GetId()) {
+			stuck[sess.GetAgentId()] = true
+		}
+	}
 	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool {
 		return sandbox.SessionState(x.GetState()) == sandbox.SessionRunning
 	}) {

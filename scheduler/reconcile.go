@@ -21,6 +21,31 @@ import (
 // cannot run it twice; the executor also refuses a known execution id).
 const redispatchAfter = 3 * time.Second
 
+// A session left STARTING by a previous leader is RUNNING once its container
+// runs orphanedStartGrace after creation, and FAILED when no container runs
+// orphanedStartFail after creation.
+const (
+	orphanedStartGrace = 2 * time.Second
+	orphanedStartFail  = 10 * time.Second
+)
+
+// isStarting reports whether this server is driving the session's start.
+func (s *Scheduler) isStarting(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.starting[id]
+}
+
+func (s *Scheduler) setStarting(id string, on bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if on {
+		s.starting[id] = true
+	} else {
+		delete(s.starting, id)
+	}
+}
+
 // reconcileAll compares every live agent with the replicated state.
 func (s *Scheduler) reconcileAll(ctx context.Context) {
 	for _, a := range s.fsm.Agents() {
@@ -40,6 +65,12 @@ func (s *Scheduler) reconcileAll(ctx context.Context) {
 // are stopped, and executions that never reached the executor are handed
 // over again. Every command carries this leader's fence.
 func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error {
+	// Read the sessions before asking the agent: a session that becomes
+	// RUNNING after the agent answered must not look like one whose
+	// container is gone.
+	live := s.fsm.Sessions(func(x *sandboxv1.Session) bool {
+		return x.GetAgentId() == a.GetId() && sandbox.SessionState(x.GetState()).Live()
+	})
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	client := s.agents.get(a.GetAddress())
@@ -54,17 +85,33 @@ func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error 
 		}
 	}
 	now := time.Now()
-	live := s.fsm.Sessions(func(x *sandboxv1.Session) bool {
-		return x.GetAgentId() == a.GetId() && sandbox.SessionState(x.GetState()).Live()
-	})
 	owned := map[string]bool{}
 	for _, sess := range live {
 		owned[sess.GetId()] = true
 		c := running[sess.GetId()]
 		switch sandbox.SessionState(sess.GetState()) {
 		case sandbox.SessionPending, sandbox.SessionStarting:
-			if now.Sub(sess.GetCreatedAt().AsTime()) < s.cfg.StartTimeout {
-				continue // a start may still be under way
+			// A start this leader drives finishes on its own. One a previous
+			// leader began (it died before recording the result) is decided
+			// here: a running container after orphanedStartGrace means the
+			// agent finished it (a start takes tens of milliseconds).
+			age := now.Sub(sess.GetCreatedAt().AsTime())
+			if s.isStarting(sess.GetId()) || age < orphanedStartGrace {
+				continue
+			}
+			if c == nil && !agentHolds(resp.Msg.GetContainers(), sess.GetId()) {
+				// The agent never heard of it: the previous leader died
+				// between recording the start and asking for it. Start it now.
+				if tmpl, ok := s.fsm.Template(sess.GetTemplateId()); ok {
+					s.log.Info("starting a session a previous leader recorded but never started", "session", sess.GetId(), "agent", a.GetId())
+					if err := s.startOnAgent(ctx, a, tmpl, sess); err != nil {
+						s.log.Warn("restarting an orphaned start", "session", sess.GetId(), "err", err)
+					}
+					continue
+				}
+			}
+			if c == nil && age < orphanedStartFail {
+				continue // the agent is still starting it
 			}
 			if c != nil {
 				err = s.apply(ctx, fsm.UpdateSessionType, &statev1.UpdateSession{
@@ -78,6 +125,9 @@ func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error 
 				})
 			}
 		case sandbox.SessionRunning:
+			if cur, ok := s.fsm.Session(sess.GetId()); c == nil && (!ok || cur.GetState() != sandboxv1.SessionState_SESSION_STATE_RUNNING) {
+				continue // it moved on (a termination) since it was read
+			}
 			if c == nil {
 				reason := "its container is gone from agent " + a.GetId()
 				s.log.Warn("session lost", "session", sess.GetId(), "agent", a.GetId())
@@ -101,6 +151,9 @@ func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error 
 		if owned[sid] {
 			continue
 		}
+		if cur, ok := s.fsm.Session(sid); ok && sandbox.SessionState(cur.GetState()).Live() {
+			continue // created after the sessions were read
+		}
 		s.log.Warn("stopping a container no live session owns", "agent", a.GetId(), "session", sid, "container", c.GetContainerId())
 		if _, err := client.StopSession(cctx, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: sid})); err != nil {
 			return fmt.Errorf("stop orphan container %s: %w", c.GetContainerId(), err)
@@ -121,4 +174,14 @@ func (s *Scheduler) redispatch(ctx context.Context, a *statev1.Agent, sess *sand
 			s.log.Warn("redispatch", "execution", e.GetId(), "err", err)
 		}
 	}
+}
+
+// agentHolds reports whether the agent lists a session at all (running or not).
+func agentHolds(cs []*agentv1.Container, sessionID string) bool {
+	for _, c := range cs {
+		if c.GetSessionId() == sessionID {
+			return true
+		}
+	}
+	return false
 }

@@ -28,6 +28,7 @@ type fakeAgent struct {
 	containers []*agentv1.Container
 
 	mu       sync.Mutex
+	started  []string
 	stopped  []string
 	executed []string
 	fences   []uint64
@@ -38,6 +39,13 @@ func (f *fakeAgent) ListContainers(_ context.Context, req *connect.Request[agent
 	f.fences = append(f.fences, req.Msg.GetFence().GetTerm())
 	f.mu.Unlock()
 	return connect.NewResponse(&agentv1.ListContainersResponse{Containers: f.containers}), nil
+}
+
+func (f *fakeAgent) StartSession(_ context.Context, req *connect.Request[agentv1.StartSessionRequest]) (*connect.Response[agentv1.StartSessionResponse], error) {
+	f.mu.Lock()
+	f.started = append(f.started, req.Msg.GetSessionId())
+	f.mu.Unlock()
+	return connect.NewResponse(&agentv1.StartSessionResponse{ContainerId: "c-" + req.Msg.GetSessionId()}), nil
 }
 
 func (f *fakeAgent) StopSession(_ context.Context, req *connect.Request[agentv1.StopSessionRequest]) (*connect.Response[agentv1.StopSessionResponse], error) {
@@ -128,7 +136,7 @@ func TestReconcileAgent(t *testing.T) {
 		"kept":          sandboxv1.SessionState_SESSION_STATE_RUNNING,
 		"gone":          sandboxv1.SessionState_SESSION_STATE_LOST,
 		"starting-up":   sandboxv1.SessionState_SESSION_STATE_RUNNING,
-		"never-started": sandboxv1.SessionState_SESSION_STATE_FAILED,
+		"never-started": sandboxv1.SessionState_SESSION_STATE_RUNNING, // the new leader starts it
 	}
 	for id, want := range wantSession {
 		got, _ := f.Session(id)
@@ -146,6 +154,9 @@ func TestReconcileAgent(t *testing.T) {
 	defer agent.mu.Unlock()
 	if !slices.Equal(agent.stopped, []string{"orphan"}) {
 		t.Errorf("stopped %v, want only the orphan", agent.stopped)
+	}
+	if !slices.Equal(agent.started, []string{"never-started"}) {
+		t.Errorf("started %v, want only the session a previous leader recorded but never started", agent.started)
 	}
 	if !slices.Equal(agent.executed, []string{"exe-never-handed"}) {
 		t.Errorf("handed over again %v, want only the execution the agent never got", agent.executed)

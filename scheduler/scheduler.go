@@ -116,6 +116,8 @@ type Scheduler struct {
 	// agentSeen records when each agent last registered with this server.
 	agentSeen map[string]time.Time
 
+	// starting holds the sessions whose start this server drives.
+	starting map[string]bool
 	// agentDown records since when the mesh has not seen each agent alive.
 	agentDown map[string]time.Time
 	started   time.Time
@@ -146,6 +148,7 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		agentSeen:  make(map[string]time.Time),
 		proxies:    make(map[string]*httputil.ReverseProxy),
 		agentDown:  make(map[string]time.Time),
+		starting:   make(map[string]bool),
 		started:    time.Now(),
 	}
 	if s.cfg.Self == nil {

@@ -77,7 +77,20 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 
 	// From here the session exists: finish what was started even if the
 	// client goes away, so that no container is left without a record.
-	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.StartTimeout)
+	if err := s.startOnAgent(context.WithoutCancel(ctx), agent, tmpl, sess); err != nil {
+		return nil, err
+	}
+	return s.GetSession(ctx, sess.GetId())
+}
+
+// startOnAgent has the agent start a STARTING session's container and
+// commits the outcome: RUNNING, or FAILED with the reason (then the error is
+// unavailable). A new leader uses it too, for starts its predecessor
+// recorded but never handed to the agent.
+func (s *Scheduler) startOnAgent(ctx context.Context, agent *statev1.Agent, tmpl *sandboxv1.Template, sess *sandboxv1.Session) error {
+	s.setStarting(sess.GetId(), true)
+	defer s.setStarting(sess.GetId(), false)
+	bg, cancel := context.WithTimeout(ctx, s.cfg.StartTimeout)
 	defer cancel()
 	start, startErr := s.agents.get(agent.GetAddress()).StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
 		Fence:         s.fence(),
@@ -95,17 +108,14 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 		if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
 			SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
 		}); err != nil {
-			return nil, err
+			return err
 		}
-		return nil, fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
+		return fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
 	}
-	if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+	return s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
 		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_RUNNING,
 		ContainerId: start.Msg.GetContainerId(), At: timestamppb.Now(),
-	}); err != nil {
-		return nil, err
-	}
-	return s.GetSession(ctx, sess.GetId())
+	})
 }
 
 // awaitSession returns a session created by an earlier request with the same
@@ -122,7 +132,8 @@ func (s *Scheduler) awaitSession(ctx context.Context, id string) (*sandboxv1.Ses
 		return nil, err
 	}
 	if sess.GetState() == sandboxv1.SessionState_SESSION_STATE_FAILED {
-		return nil, fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, id, sess.GetStateReason())
+		// Retrying this key cannot help; a new key starts a new session.
+		return nil, fmt.Errorf("%w: session %s of this idempotency key failed to start (%s); retry with a new key", sandbox.ErrFailedPrecondition, id, sess.GetStateReason())
 	}
 	return sess, nil
 }

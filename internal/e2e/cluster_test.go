@@ -64,14 +64,29 @@ func binaries(t *testing.T) string {
 	return binDir
 }
 
+var (
+	portsMu sync.Mutex
+	ports   = map[string]bool{}
+)
+
+// freePort returns a loopback address free now and never handed out before
+// in this test binary (the kernel may offer a just-closed port again).
 func freePort(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if !ports[addr] {
+			ports[addr] = true
+			return addr
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // server is one sandbox-scheduler process.
@@ -207,6 +222,9 @@ func (c *cluster) startServer(srv *server) {
 		args = append(args, "--bootstrap-expect", fmt.Sprint(len(c.servers)), "--join", strings.Join(peers, ","),
 			"--gossip-join", strings.Join(gossip, ","))
 	}
+	// SANDBOX_TEST_SERVER_ARGS adds flags to every server, e.g. other Raft
+	// timeouts for failover measurements.
+	args = append(args, strings.Fields(os.Getenv("SANDBOX_TEST_SERVER_ARGS"))...)
 	cmd := exec.Command(filepath.Join(c.bin, "sandbox-scheduler"), args...)
 	cmd.Stdout = c.logFile(srv.id)
 	cmd.Stderr = cmd.Stdout

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"golang.org/x/net/http2"
 
 	"github.com/sandboxhq/sandbox/api"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
@@ -145,8 +146,12 @@ func newFoClient(id int, seed int64, servers []*server, rec *foRecord) *foClient
 // from a server's answer: the server is gone and another one should be tried.
 func foTransportError(err error) bool {
 	var op *net.OpError
+	// A stream the forwarding server reset because the leader behind it died
+	// mid-answer arrives as an HTTP/2 stream error.
+	var se http2.StreamError
 	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &op)
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &op) || errors.As(err, &se) ||
+		strings.Contains(err.Error(), "stream error")
 }
 
 // foRetryable reports whether a call may be sent again with the same
@@ -459,8 +464,14 @@ func foCheck(t *testing.T, c *cluster, lead *server, rec *foRecord) (lost, dupli
 			t.Errorf("acknowledged session %s (key %s) is lost; found %v", id, k, foIDs(ss))
 			continue
 		}
-		if rec.terminated[id] && ss[i].GetState() != sandboxv1.SessionState_SESSION_STATE_TERMINATED {
-			t.Errorf("session %s was terminated (acknowledged) but is %v", id, ss[i].GetState())
+		// A session the cluster gave up on (LOST, FAILED) although its
+		// container was never killed is lost too, with its workspace.
+		switch st := ss[i].GetState(); {
+		case st == sandboxv1.SessionState_SESSION_STATE_LOST || st == sandboxv1.SessionState_SESSION_STATE_FAILED:
+			lost++
+			t.Errorf("acknowledged session %s (key %s) ended %v: %s", id, k, st, ss[i].GetStateReason())
+		case rec.terminated[id] && st != sandboxv1.SessionState_SESSION_STATE_TERMINATED:
+			t.Errorf("session %s was terminated (acknowledged) but is %v", id, st)
 		}
 	}
 	for k, want := range rec.execs {

@@ -63,16 +63,18 @@ type Config struct {
 }
 
 // DefaultConfig returns timeouts tuned for servers on one LAN. hashicorp/raft's
-// own defaults (1 s heartbeat and election, 500 ms lease) are meant for WANs
-// and cost 1.3-2.4 s to replace a dead leader; on a LAN round trips are well
-// under a millisecond, so half of them still leaves two orders of magnitude of
-// margin against spurious elections (including on loaded 2-core hosts) while
-// halving the time during which writes fail after a leader dies.
+// own defaults (1 s heartbeat and election, 500 ms lease) are meant for WANs.
+// On a LAN round trips are well under a millisecond; measured on a loaded
+// 2-core host with 8 clients creating sessions, leader kill -9 to the first
+// acknowledged write took p99 1.4 s with 500 ms timeouts, 0.8 s with 300 ms,
+// 0.44 s with 150 ms, with no election while no server was killed at any of
+// them. 300 ms keeps failover under a second with room against spurious
+// elections when the host is busy.
 func DefaultConfig() Config {
 	return Config{
-		HeartbeatTimeout:   500 * time.Millisecond,
-		ElectionTimeout:    500 * time.Millisecond,
-		LeaderLeaseTimeout: 250 * time.Millisecond,
+		HeartbeatTimeout:   300 * time.Millisecond,
+		ElectionTimeout:    300 * time.Millisecond,
+		LeaderLeaseTimeout: 150 * time.Millisecond,
 		CommitTimeout:      50 * time.Millisecond,
 		SnapshotInterval:   2 * time.Minute,
 		SnapshotThreshold:  8192,
