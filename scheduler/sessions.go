@@ -206,6 +206,10 @@ func (s *Scheduler) stopSession(ctx context.Context, sess *sandboxv1.Session, re
 	if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
 		SessionId: id, State: sandboxv1.SessionState_SESSION_STATE_TERMINATING, Reason: reason, At: timestamppb.Now(),
 	}); err != nil {
+		// Another path (a retried request, housekeeping) ended it meanwhile.
+		if cur, ok := s.fsm.Session(id); ok && sandbox.SessionState(cur.GetState()).Terminal() {
+			return nil
+		}
 		return err
 	}
 	if agent, ok := s.fsm.Agent(sess.GetAgentId()); ok {
