@@ -70,11 +70,14 @@ func (s *Scheduler) Forward(next http.Handler, port Port) http.Handler {
 			return
 		}
 		if s.raft.IsLeader() {
+			// Every call, not only reads, checks the state first (a result
+			// report looks its execution up): a new leader serves nothing
+			// until it has applied what earlier leaders committed.
+			if err := s.readBarrier(r.Context()); err != nil {
+				fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server has just become the leader and is still applying the log; retry")))
+				return
+			}
 			if read {
-				if err := s.readBarrier(r.Context()); err != nil {
-					fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server has just become the leader and is still applying the log; retry")))
-					return
-				}
 				if err := s.raft.VerifyLeader(r.Context()); err != nil {
 					fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server lost the leadership while serving a read; retry")))
 					return
