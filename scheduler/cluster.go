@@ -22,6 +22,7 @@ import (
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/internal/membership"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
 )
 
@@ -248,44 +249,29 @@ func (s *Scheduler) RemoveServer(ctx context.Context, id string) error {
 	return s.apply(ctx, fsm.DeregisterServerType, &statev1.DeregisterServer{ServerId: id})
 }
 
-// ListNodes describes every agent the cluster knows.
+// ListNodes describes every agent the cluster knows, with what its live
+// sessions hold (the FSM's allocation index) and the warm pools it advertises.
 func (s *Scheduler) ListNodes(context.Context) ([]*sandboxv1.Node, error) {
-	type use struct {
-		cpu      int64
-		mem      int64
-		sessions int32
-	}
-	used := map[string]*use{}
-	for _, sess := range s.fsm.Sessions(func(x *sandboxv1.Session) bool { return sandbox.SessionState(x.GetState()).Live() }) {
-		u := used[sess.GetAgentId()]
-		if u == nil {
-			u = &use{}
-			used[sess.GetAgentId()] = u
-		}
-		u.cpu += int64(sess.GetResourceLimits().GetCpuMillis())
-		u.mem += sess.GetResourceLimits().GetMemoryMib()
-		u.sessions++
+	var mesh map[string]membership.Member
+	if s.cfg.Mesh != nil {
+		mesh = s.meshAgents()
 	}
 	var out []*sandboxv1.Node
 	for _, a := range s.fsm.Agents() {
+		cpu, mem, sessions := s.fsm.AgentUsage(a.GetId())
 		n := &sandboxv1.Node{
 			Id:             a.GetId(),
 			Address:        a.GetAddress(),
 			State:          a.GetState(),
 			Capacity:       &sandboxv1.NodeResources{CpuMillis: a.GetCpuMillis(), MemoryMib: a.GetMemoryMib()},
-			Allocated:      &sandboxv1.NodeResources{},
+			Allocated:      &sandboxv1.NodeResources{CpuMillis: int32(cpu), MemoryMib: mem},
+			Sessions:       sessions,
 			StateReason:    a.GetStateReason(),
 			StateChangedAt: a.GetStateChangedAt(),
 		}
-		if s.cfg.Mesh != nil {
-			warm := s.meshAgents()[a.GetId()].Meta.GetWarm()
-			for _, tid := range slices.Sorted(maps.Keys(warm)) {
-				n.WarmPools = append(n.WarmPools, &sandboxv1.WarmPool{TemplateId: tid, Ready: warm[tid]})
-			}
-		}
-		if u := used[a.GetId()]; u != nil {
-			n.Allocated = &sandboxv1.NodeResources{CpuMillis: int32(u.cpu), MemoryMib: u.mem}
-			n.Sessions = u.sessions
+		warm := mesh[a.GetId()].Meta.GetWarm()
+		for _, tid := range slices.Sorted(maps.Keys(warm)) {
+			n.WarmPools = append(n.WarmPools, &sandboxv1.WarmPool{TemplateId: tid, Ready: warm[tid]})
 		}
 		out = append(out, n)
 	}

@@ -73,7 +73,7 @@ func (s *Scheduler) Forward(next http.Handler, port Port) http.Handler {
 			// Every call, not only reads, checks the state first (a result
 			// report looks its execution up): a new leader serves nothing
 			// until it has applied what earlier leaders committed.
-			if err := s.readBarrier(r.Context()); err != nil {
+			if err := s.leaderBarrier(r.Context()); err != nil {
 				fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("this server has just become the leader and is still applying the log; retry")))
 				return
 			}
@@ -162,9 +162,9 @@ func (s *Scheduler) noLeaderError() error {
 	return errors.New("no leader is elected right now; retry (or read with " + ReadConsistencyHeader + ": stale)")
 }
 
-// readBarrier makes sure that, in this term, the leader has applied every
-// entry earlier leaders committed before it serves a read from its FSM.
-func (s *Scheduler) readBarrier(ctx context.Context) error {
+// leaderBarrier makes sure that, in this term, the leader has applied every
+// entry earlier leaders committed before it serves a call from its FSM.
+func (s *Scheduler) leaderBarrier(ctx context.Context) error {
 	term := s.raft.Term()
 	if s.readyTerm.Load() == term {
 		return nil

@@ -122,7 +122,7 @@ type Scheduler struct {
 	agentDown map[string]time.Time
 	started   time.Time
 
-	// readyTerm is the term in which this leader last ran a barrier; reads
+	// readyTerm is the term in which this leader last ran a barrier; calls
 	// are served only once it equals the current term.
 	readyTerm atomic.Uint64
 
