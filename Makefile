@@ -44,27 +44,27 @@ test-unit:
 
 ## test-chaos: repeat the kill tests RUNS times (default 20) with random
 ## schedules: a porcupine linearizability check of the API across leader kills,
-## TestCluster (leader killed under load at a random moment, agent killed
-## and restarted, agent killed mid-execution), and TestFailover (8 clients
-## creating sessions and executing while the leader is killed -9: nothing
-## acknowledged lost or duplicated, no election without a kill; each run's
-## recovery time is appended to $(CHAOS_OUT)/failover.jsonl and the
-## p50/p99/max over the runs is logged). Needs what `make test` needs, the
-## images included (make images).
+## TestFailover (8 clients creating sessions and executing while the leader is
+## killed -9: nothing acknowledged lost or duplicated, no election without a
+## kill) and TestCluster (leader killed under load, agent killed mid-execution
+## and restarted, partition-free membership changes). Each run's measurements
+## go to $(CHAOS_OUT): failover.jsonl (recovery after the leader's kill) and
+## agent-death.jsonl (how soon a killed agent's session is LOST); their
+## p50/p99/max are printed at the end. Needs what `make test` needs, the images
+## included (make images). CI runs it with RUNS=5 (test-chaos-ci).
 ## Replay a failed run: SANDBOX_CHAOS_SEED=<its seed> make test-chaos RUNS=1.
 RUNS ?= 20
 CHAOS_OUT ?= $(CURDIR)/$(BIN)/chaos
-.PHONY: test-chaos
-test-chaos: test-chaos-ci
-	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) SANDBOX_CHAOS_OUT=$(CHAOS_OUT) $(GO) test -race -count=1 -timeout 60m -v -run 'TestFailover' ./internal/e2e/
+.PHONY: test-chaos test-chaos-ci
+test-chaos:
+	rm -f $(CHAOS_OUT)/failover.jsonl $(CHAOS_OUT)/agent-death.jsonl
+	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) SANDBOX_CHAOS_OUT=$(CHAOS_OUT) $(GO) test -race -count=1 -timeout 60m -run 'TestLinearizability' ./internal/e2e/
+	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) SANDBOX_CHAOS_OUT=$(CHAOS_OUT) $(GO) test -race -count=1 -timeout 60m -run 'TestFailover' ./internal/e2e/
+	CI=true SANDBOX_CHAOS_OUT=$(CHAOS_OUT) $(GO) test -race -count=$(RUNS) -timeout 60m -run 'TestCluster' ./internal/e2e/
+	@deploy/local/chaos-summary.sh $(CHAOS_OUT)
 
-## test-chaos-ci: the part of test-chaos CI runs (RUNS=5 there): linearizability
-## across leader kills and TestCluster. TestFailover stays out of CI until its
-## known open fault (an Execute hanging across the kill in ~2 of 20 runs) is fixed.
-.PHONY: test-chaos-ci
 test-chaos-ci:
-	CI=true SANDBOX_CHAOS_RUNS=$(RUNS) $(GO) test -race -count=1 -timeout 60m -run 'TestLinearizability' ./internal/e2e/
-	CI=true $(GO) test -race -count=$(RUNS) -timeout 60m -run 'TestCluster' ./internal/e2e/
+	$(MAKE) test-chaos RUNS=5
 
 ## up: install what is missing, build, start a local scheduler and agent, run a sample
 up:

@@ -827,3 +827,42 @@ func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels map
 	}
 	return 0
 }
+
+// TestHandOverOutlivesItsCaller: a server that dies while the agent hands an
+// execution to the executor (its call is canceled) does not abandon the
+// hand-over: the executor gets it, it runs, and its result is relayed.
+func TestHandOverOutlivesItsCaller(t *testing.T) {
+	ta := newTestAgent(t)
+	cid := ta.start(t, "s1")
+	c, ok := ta.rt.container(cid)
+	if !ok {
+		t.Fatal("runtime has no container")
+	}
+	c.exec.slow = make(chan string)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- ta.execute(ctx, "s1", "x1", "slow hand-over") }()
+	select {
+	case <-c.exec.slow:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the executor never saw the hand-over")
+	}
+	cancel() // the calling server is gone
+	if err := <-errc; connect.CodeOf(err) != connect.CodeCanceled {
+		t.Fatalf("Execute = %v, want canceled", err)
+	}
+	close(c.exec.slow) // the executor answers now
+	for _, kind := range []string{"status", "artifact", "result"} {
+		select {
+		case o := <-c.exec.outcomes:
+			if o.kind != kind || o.status != http.StatusOK {
+				t.Fatalf("callback %s answered %+v", kind, o)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no %s callback: the hand-over was abandoned with its caller", kind)
+		}
+	}
+	if reports := ta.cp.reportsOf("x1"); len(reports) == 0 || reports[len(reports)-1].GetKind() != agentv1.ReportKind_REPORT_KIND_RESULT {
+		t.Fatalf("reports of x1 = %v, want its result relayed", reports)
+	}
+}

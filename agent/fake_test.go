@@ -187,6 +187,9 @@ type fakeExecutor struct {
 	// release lets executions with code "hold" report; closed by releaseHeld or close.
 	release     chan struct{}
 	releaseOnce sync.Once
+	// slow, when set, receives a "slow hand-over" execution's request, and
+	// the executor answers it only once slow is closed.
+	slow chan string
 
 	mu       sync.Mutex
 	init     *executorapi.InitRequest
@@ -247,6 +250,18 @@ func startFakeExecutor(socketDir string) (*fakeExecutor, error) {
 		if req.Code == "reject me" {
 			writeError(w, http.StatusUnprocessableEntity, "the executor does not like this code")
 			return
+		}
+		if req.Code == "slow hand-over" && e.slow != nil {
+			e.slow <- req.ExecutionID
+			for range e.slow {
+			}
+			// A caller that gave up closes the connection; the server notices
+			// within moments. Then the executor never took it.
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(500 * time.Millisecond):
+			}
 		}
 		e.mu.Lock()
 		e.executed = append(e.executed, req)

@@ -260,6 +260,7 @@ func (a *Agent) relay(w http.ResponseWriter, r *http.Request, s *session, req *a
 		a.settle(s, req.ExecutionId)
 	}
 	if err == nil {
+		a.log.Debug("executor report relayed", "session", s.id, "execution", req.ExecutionId, "kind", req.Kind.String())
 		writeJSON(w, http.StatusOK, struct{}{})
 		return
 	}

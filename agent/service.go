@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -129,7 +130,12 @@ func (sv *service) ListContainers(ctx context.Context, _ *connect.Request[agentv
 	return connect.NewResponse(&agentv1.ListContainersResponse{Containers: out}), nil
 }
 
-// execute hands an execution to its session's executor.
+// handoffTimeout bounds handing one execution to its executor, which
+// answers at once (the run itself is reported by callbacks).
+const handoffTimeout = 10 * time.Second
+
+// execute hands an execution to its session's executor. Handing over the
+// same id again is safe: the executor runs an id once.
 func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
 	if err := artifacts.ValidateExecutionID(m.GetExecutionId()); err != nil {
 		return err
@@ -171,7 +177,12 @@ func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
 	a.mu.Lock()
 	s.executions[id] = struct{}{}
 	a.mu.Unlock()
-	err = s.exec.execute(ctx, executorapi.ExecuteRequest{
+	// The hand-over finishes even when the server that asked goes away (a
+	// leader killed mid-call): abandoned, it would leave the execution
+	// pending with nobody knowing whether the executor took it.
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer cancel()
+	err = s.exec.execute(hctx, executorapi.ExecuteRequest{
 		ExecutionID:    id,
 		Language:       m.GetLanguage(),
 		Code:           m.GetCode(),
@@ -179,11 +190,16 @@ func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
 		Env:            m.GetEnv(),
 	})
 	// An executor that answered no did not take the execution; when the
-	// call failed otherwise it may have, so it stays pending. A retried
-	// Execute of a pending id is refused as a duplicate and must not settle
-	// the one that runs.
+	// call failed otherwise it may have, so it stays pending (and a server
+	// hands it over again: the executor takes an id it holds as a no-op).
+	// A refused retry of a pending id must not settle the one that runs.
 	if _, refused := isExecutorError(err); refused && !wasPending {
 		a.settle(s, id)
+	}
+	if err != nil {
+		a.log.Warn("execution not handed to the executor", "session", s.id, "execution", id, "retry", wasPending, "err", err)
+	} else {
+		a.log.Debug("execution handed to the executor", "session", s.id, "execution", id, "retry", wasPending)
 	}
 	return err
 }

@@ -150,8 +150,11 @@ func (e *Executor) handleExecute(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, "executor is shutting down")
 		return
 	case dup:
+		// A hand-over retried because its answer was lost: the execution
+		// runs (or ran) once, and its callbacks carry the outcome.
 		e.mu.Unlock()
-		writeError(w, http.StatusBadRequest, fmt.Sprintf("execution_id %q was already used", x.id))
+		e.log.Info("execution handed over again; already taken", "execution_id", x.id)
+		writeJSON(w, http.StatusAccepted, executorapi.ExecuteAccepted{ExecutionID: x.id, Duplicate: true})
 		return
 	}
 	e.seen[x.id] = struct{}{}

@@ -24,6 +24,7 @@ import (
 type fakeAgent struct {
 	mu      sync.Mutex
 	results map[string]executorapi.Result
+	posts   map[string]int // result posts by execution id
 	auth    []string
 }
 
@@ -38,6 +39,7 @@ func (a *fakeAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		a.results[id] = res
+		a.posts[id]++
 	}
 }
 
@@ -62,7 +64,7 @@ func (a *fakeAgent) result(t *testing.T, id string) executorapi.Result {
 // execution ends FAILED without running anything.
 func newTestExecutor(t *testing.T, token string) (*Executor, *fakeAgent) {
 	t.Helper()
-	agent := &fakeAgent{results: map[string]executorapi.Result{}}
+	agent := &fakeAgent{results: map[string]executorapi.Result{}, posts: map[string]int{}}
 	srv := httptest.NewServer(agent)
 	t.Cleanup(srv.Close)
 	cfg := DefaultConfig()
@@ -130,7 +132,6 @@ func TestExecuteValidation(t *testing.T) {
 		{"timeout over the maximum", req(func(r *executorapi.ExecuteRequest) { r.TimeoutSeconds = 1 << 40 }), 400, "timeout_seconds"},
 		{"missing id", req(func(r *executorapi.ExecuteRequest) { r.ExecutionID = "" }), 400, "execution_id is required"},
 		{"id with a slash", req(func(r *executorapi.ExecuteRequest) { r.ExecutionID = "../x" }), 400, "execution_id"},
-		{"duplicate id", req(func(r *executorapi.ExecuteRequest) { r.ExecutionID = "ok-1" }), 400, "already used"},
 		{"bad env name", req(func(r *executorapi.ExecuteRequest) { r.Env = map[string]string{"A=B": "x"} }), 400, "env"},
 		{"NUL in env value", req(func(r *executorapi.ExecuteRequest) { r.Env = map[string]string{"A": "x\x00y"} }), 400, "NUL"},
 		{"code too big", req(func(r *executorapi.ExecuteRequest) { r.Code = strings.Repeat("#", 1<<20+1) }), 400, "code is"},
@@ -148,6 +149,20 @@ func TestExecuteValidation(t *testing.T) {
 				t.Errorf("got %d %q, want %d containing %q", code, e.Error, tc.status, tc.want)
 			}
 		})
+	}
+	// A hand-over of a taken id (its first answer was lost) is accepted
+	// again and runs nothing: still one result.
+	code, body = do(t, h, "POST", "/execute", "tok", req(func(r *executorapi.ExecuteRequest) { r.ExecutionID = "ok-1" }))
+	var acc executorapi.ExecuteAccepted
+	if err := json.Unmarshal([]byte(body), &acc); err != nil || code != 202 || !acc.Duplicate || acc.ExecutionID != "ok-1" {
+		t.Errorf("duplicate id: got %d %s, want 202 with duplicate set", code, body)
+	}
+	time.Sleep(200 * time.Millisecond) // a run would fail at once (no bwrap) and post
+	agent.mu.Lock()
+	n := agent.posts["ok-1"]
+	agent.mu.Unlock()
+	if n != 1 {
+		t.Errorf("%d results for ok-1 after its duplicate, want 1", n)
 	}
 }
 

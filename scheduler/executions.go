@@ -47,6 +47,7 @@ func (s *Scheduler) Execute(ctx context.Context, req *sandboxv1.ExecuteRequest) 
 	tenant := api.Principal(ctx)
 	if key := req.GetIdempotencyKey(); key != "" {
 		if id, ok := s.fsm.IdempotentID(fsm.KindExecution, tenant, key); ok {
+			s.log.Debug("execution retried", "execution", id, "idempotency_key", key)
 			return s.awaitExecution(ctx, id, req.GetAsync())
 		}
 	}
@@ -88,6 +89,7 @@ func (s *Scheduler) Execute(ctx context.Context, req *sandboxv1.ExecuteRequest) 
 	if ex, ok := resp.(fsm.Existing); ok {
 		return s.awaitExecution(ctx, ex.ID, req.GetAsync())
 	}
+	s.log.Debug("execution recorded", "execution", exec.GetId(), "session", sess.GetId(), "idempotency_key", req.GetIdempotencyKey())
 
 	// The execution is recorded: hand it over even if the client goes away;
 	// dispatch records a failure to do so, so it always reaches a terminal state.
@@ -120,6 +122,7 @@ func (s *Scheduler) dispatch(ctx context.Context, agent *statev1.Agent, sess *sa
 		Env:            env,
 	}))
 	if err == nil {
+		s.log.Debug("execution dispatched", "execution", exec.GetId(), "session", sess.GetId(), "agent", agent.GetId())
 		return nil
 	}
 	s.log.Warn("execution dispatch failed", "execution", exec.GetId(), "session", sess.GetId(), "agent", agent.GetId(), "err", err)

@@ -21,6 +21,13 @@ import (
 // cannot run it twice; the executor also refuses a known execution id).
 const redispatchAfter = 3 * time.Second
 
+// redispatchPendingAfter is how long a QUEUED execution the agent lists as
+// pending may wait before it is handed over again: the agent's hand-over
+// may have failed without an answer (so nobody knows whether the executor
+// took it), or the executor's status report was lost. Handing over an id
+// the executor holds changes nothing there.
+const redispatchPendingAfter = 10 * time.Second
+
 // A session left STARTING by a previous leader is RUNNING once its container
 // runs orphanedStartGrace after creation, and FAILED when no container runs
 // orphanedStartFail after creation.
@@ -162,16 +169,29 @@ func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error 
 	return nil
 }
 
-// redispatch hands QUEUED executions the agent does not hold to it again.
+// redispatch hands QUEUED executions over to their agent again: those it
+// does not hold after redispatchAfter, those it lists as pending after
+// redispatchPendingAfter. Once the executor has taken one (again, or
+// before), it is RUNNING, so that it is not handed over once more.
 func (s *Scheduler) redispatch(ctx context.Context, a *statev1.Agent, sess *sandboxv1.Session, pending []string, now time.Time) {
 	for _, e := range s.fsm.ExecutionsBySession(sess.GetId()) {
-		if e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED || slices.Contains(pending, e.GetId()) ||
-			now.Sub(e.GetCreatedAt().AsTime()) < redispatchAfter {
+		wait := redispatchAfter
+		if slices.Contains(pending, e.GetId()) {
+			wait = redispatchPendingAfter
+		}
+		if e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED || now.Sub(e.GetCreatedAt().AsTime()) < wait {
 			continue
 		}
-		s.log.Info("handing a queued execution over again", "execution", e.GetId(), "session", sess.GetId(), "agent", a.GetId())
+		s.log.Info("handing a queued execution over again", "execution", e.GetId(), "session", sess.GetId(), "agent", a.GetId(), "agent_holds_it", wait == redispatchPendingAfter)
 		if err := s.dispatch(ctx, a, sess, e, nil); err != nil {
 			s.log.Warn("redispatch", "execution", e.GetId(), "err", err)
+			continue
+		}
+		err := s.apply(ctx, fsm.UpdateExecutionType, &statev1.UpdateExecution{Execution: &sandboxv1.Execution{
+			Id: e.GetId(), State: sandboxv1.ExecutionState_EXECUTION_STATE_RUNNING,
+		}})
+		if err := ignoreStale(err); err != nil {
+			s.log.Warn("recording a handed-over execution RUNNING", "execution", e.GetId(), "err", err)
 		}
 	}
 }

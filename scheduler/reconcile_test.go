@@ -104,7 +104,7 @@ func TestReconcileAgent(t *testing.T) {
 	}
 
 	agent := &fakeAgent{containers: []*agentv1.Container{
-		{ContainerId: "c-kept", SessionId: "kept", Running: true, PendingExecutionIds: []string{"exe-pending"}},
+		{ContainerId: "c-kept", SessionId: "kept", Running: true, PendingExecutionIds: []string{"exe-pending", "exe-pending-recent"}},
 		{ContainerId: "c-starting", SessionId: "starting-up", Running: true},
 		{ContainerId: "c-orphan", SessionId: "orphan", Running: true},
 	}}
@@ -119,11 +119,15 @@ func TestReconcileAgent(t *testing.T) {
 	} {
 		mustApply(fsm.CreateSessionType, &statev1.CreateSession{Session: sess})
 	}
-	queued := func(id, sess string) *statev1.CreateExecution {
+	queuedAt := func(id, sess string, at *timestamppb.Timestamp) *statev1.CreateExecution {
 		return &statev1.CreateExecution{Execution: &sandboxv1.Execution{Id: id, SessionId: sess, Language: "python", Code: "1",
-			State: sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED, TimeoutSeconds: 60, CreatedAt: old}}
+			State: sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED, TimeoutSeconds: 60, CreatedAt: at}}
 	}
+	queued := func(id, sess string) *statev1.CreateExecution { return queuedAt(id, sess, old) }
+	// The agent holds both pending ones; the old one's hand-over (or its
+	// status report) went astray, so it is handed over again.
 	mustApply(fsm.CreateExecutionType, queued("exe-pending", "kept"))
+	mustApply(fsm.CreateExecutionType, queuedAt("exe-pending-recent", "kept", timestamppb.New(time.Now().Add(-redispatchAfter))))
 	mustApply(fsm.CreateExecutionType, queued("exe-never-handed", "kept"))
 	mustApply(fsm.CreateExecutionType, queued("exe-of-gone", "gone"))
 
@@ -158,8 +162,17 @@ func TestReconcileAgent(t *testing.T) {
 	if !slices.Equal(agent.started, []string{"never-started"}) {
 		t.Errorf("started %v, want only the session a previous leader recorded but never started", agent.started)
 	}
-	if !slices.Equal(agent.executed, []string{"exe-never-handed"}) {
-		t.Errorf("handed over again %v, want only the execution the agent never got", agent.executed)
+	slices.Sort(agent.executed)
+	if !slices.Equal(agent.executed, []string{"exe-never-handed", "exe-pending"}) {
+		t.Errorf("handed over again %v, want the execution the agent never got and the old pending one", agent.executed)
+	}
+	for _, id := range []string{"exe-never-handed", "exe-pending"} {
+		if e, _ := f.Execution(id); e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_RUNNING {
+			t.Errorf("handed-over execution %s is %v, want RUNNING", id, e.GetState())
+		}
+	}
+	if e, _ := f.Execution("exe-pending-recent"); e.GetState() != sandboxv1.ExecutionState_EXECUTION_STATE_QUEUED {
+		t.Errorf("recent pending execution is %v, want QUEUED (not handed over yet)", e.GetState())
 	}
 	if len(agent.fences) == 0 || agent.fences[0] == 0 {
 		t.Errorf("ListContainers carried no fence term: %v", agent.fences)

@@ -6,7 +6,8 @@
 //
 //	GET  /health                      -> 200 Health
 //	POST /init         InitRequest    -> 200 Health; 409 if already initialized
-//	POST /execute      ExecuteRequest -> 202 ExecuteAccepted (result comes by callback)
+//	POST /execute      ExecuteRequest -> 202 ExecuteAccepted (result comes by callback);
+//	                                     an id already taken answers 202 again, duplicate set, and runs nothing
 //	POST /executions/{id}/cancel      -> 202; 404 if unknown or finished
 //
 // Every call but /health carries "Authorization: Bearer <token>" once the
@@ -81,6 +82,10 @@ type ExecuteRequest struct {
 // ExecuteAccepted answers /execute.
 type ExecuteAccepted struct {
 	ExecutionID string `json:"execution_id"`
+	// Duplicate says the executor had already taken this execution id:
+	// nothing new runs, and the first hand-over's run reports the result.
+	// Handing over is thereby safe to retry.
+	Duplicate bool `json:"duplicate,omitempty"`
 }
 
 // StatusReport is sent when an execution starts running.
