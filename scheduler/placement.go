@@ -189,26 +189,22 @@ func (s *Scheduler) refreshLiveness(now time.Time, members []membership.Member) 
 
 // place picks an agent for a session with limits l of a template and
 // reserves its room until release is called (once the pick is committed or
-// abandoned). It scans every agent once, with what the FSM's index says its
-// live sessions hold plus this server's reservations, and allocates nothing
-// per agent: liveness comes from a snapshot, and the mesh, the reservations
-// and the liveness are consulted only for an agent that would beat the best
-// so far. A reservation is checked for fit; ranking uses committed usage.
+// abandoned). Agents advertising a warm container of the template are
+// considered first (there are few); when none fits, the FSM's fit index
+// yields the agents in best-fit order and the first that is alive and
+// still fits with this server's reservations wins. So a placement visits a
+// handful of agents however many there are, and allocates nothing per
+// agent. A reservation is checked for fit; ranking uses committed usage.
 func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.Agent, release func(), err error) {
 	view := s.liveView(time.Now())
-	warm := view.warm[templateID]
 	ps := &s.placement
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	p := picker{l: l}
 	var bestID string
-	s.fsm.ForEachAgentLoad(func(a *statev1.Agent, ld *fsm.AgentLoad) {
+	consider := func(a *statev1.Agent, ld *fsm.AgentLoad, w int32) {
 		if ld.State != sandboxv1.NodeState_NODE_STATE_READY {
 			return
-		}
-		var w int32
-		if warm != nil {
-			w = warm[a.GetId()]
 		}
 		if !p.beats(ld.CPUMillis-ld.CPUUsed, ld.MemoryMiB-ld.MemoryUsed, w) || !view.ok(a.GetId()) {
 			return
@@ -223,7 +219,16 @@ func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.A
 		}
 		p.take(c)
 		bestID = a.GetId()
-	})
+	}
+	for id, w := range view.warm[templateID] {
+		s.fsm.WithAgentLoad(id, func(a *statev1.Agent, ld *fsm.AgentLoad) { consider(a, ld, w) })
+	}
+	if !p.found {
+		s.fsm.ForEachFit(int64(l.CPUMillis), l.MemoryMiB, func(a *statev1.Agent, ld *fsm.AgentLoad) bool {
+			consider(a, ld, 0)
+			return !p.found
+		})
+	}
 	if !p.found {
 		alive := 0
 		s.fsm.ForEachAgent(func(a *statev1.Agent, _, _ int64, _ int32) {

@@ -3,6 +3,8 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/sandboxhq/sandbox"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
 )
 
@@ -169,5 +172,72 @@ func TestPlaceSkipsSilentAgents(t *testing.T) {
 	release()
 	if a.GetId() != "talking" {
 		t.Errorf("placed on %s, want talking", a.GetId())
+	}
+}
+
+// TestPlaceAgreesWithPicker checks that place, which looks at warm agents
+// and then walks the FSM's fit index, picks what the picker's rules pick
+// from a scan of every agent: random fleets, usage, silent agents and warm
+// pools.
+func TestPlaceAgreesWithPicker(t *testing.T) {
+	s, f := newTestScheduler(t)
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(3, 4))
+	const agents = 60
+	for i := range agents {
+		id := fmt.Sprintf("a%02d", i)
+		if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+			Id: id, CpuMillis: int32(1000 + 500*rng.IntN(8)), MemoryMib: int64(1024 * (1 + rng.IntN(8))), RegisteredAt: timestamppb.Now(),
+		}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for round := range 40 {
+		// Some usage, placed straight through the FSM.
+		for range 10 {
+			sess := &sandboxv1.Session{
+				Id: newID("ses"), TemplateId: "python-basic", State: sandboxv1.SessionState_SESSION_STATE_RUNNING, Tenant: "t",
+				AgentId: fmt.Sprintf("a%02d", rng.IntN(agents)), CreatedAt: timestamppb.Now(),
+				ResourceLimits: &sandboxv1.ResourceLimits{CpuMillis: int32(250 * rng.IntN(4)), MemoryMib: int64(256 * rng.IntN(4))},
+			}
+			_ = s.apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess}) // over capacity is refused; fine
+		}
+		view := &liveness{at: time.Now().Add(time.Hour), mesh: true, alive: map[string]bool{}, warm: map[string]map[string]int32{}}
+		for i := range agents {
+			id := fmt.Sprintf("a%02d", i)
+			view.alive[id] = rng.IntN(8) != 0
+			if rng.IntN(10) == 0 {
+				if view.warm["python-basic"] == nil {
+					view.warm["python-basic"] = map[string]int32{}
+				}
+				view.warm["python-basic"][id] = int32(1 + rng.IntN(3))
+			}
+		}
+		s.placement.live.Store(view)
+		l := sandbox.Limits{CPUMillis: int32(250 * (1 + rng.IntN(8))), MemoryMiB: int64(256 * (1 + rng.IntN(16)))}
+		var cands []candidate
+		f.ForEachAgentLoad(func(a *statev1.Agent, ld *fsm.AgentLoad) {
+			if ld.State == sandboxv1.NodeState_NODE_STATE_READY && view.ok(a.GetId()) {
+				cands = append(cands, candidate{agent: a, cpuUsed: ld.CPUUsed, memoryUse: ld.MemoryUsed, warm: view.warm["python-basic"][a.GetId()]})
+			}
+		})
+		want, wantErr := pickAgent(cands, l)
+		got, release, err := s.place(l, "python-basic")
+		if (err == nil) != (wantErr == nil) {
+			t.Fatalf("round %d, %+v: place err %v, picker err %v", round, l, err, wantErr)
+		}
+		if err != nil {
+			continue
+		}
+		release()
+		// Warm agents tie in a map's order; the fit among them must match.
+		if got.GetId() != want.GetId() {
+			g, w := view.warm["python-basic"][got.GetId()], view.warm["python-basic"][want.GetId()]
+			gc, gm, _ := f.AgentUsage(got.GetId())
+			wc, wm, _ := f.AgentUsage(want.GetId())
+			if (g > 0) != (w > 0) || got.GetMemoryMib()-gm != want.GetMemoryMib()-wm || int64(got.GetCpuMillis())-gc != int64(want.GetCpuMillis())-wc {
+				t.Fatalf("round %d, %+v: place chose %s (warm %d), the picker %s (warm %d)", round, l, got.GetId(), g, want.GetId(), w)
+			}
+		}
 	}
 }

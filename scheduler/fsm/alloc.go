@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"fmt"
+	"math"
 
 	"github.com/sandboxhq/sandbox"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
@@ -33,6 +34,42 @@ type AgentLoad struct {
 type agentSlot struct {
 	agent *statev1.Agent
 	load  AgentLoad
+	// key is the agent's entry in the fit index, when indexed is set.
+	key     fitKey
+	indexed bool
+}
+
+// fitKey orders agents for best-fit placement: least free memory first,
+// then least free cpu, then registration order.
+type fitKey struct {
+	memFree, cpuFree int64
+	slot             int
+}
+
+func (a fitKey) less(b fitKey) bool {
+	if a.memFree != b.memFree {
+		return a.memFree < b.memFree
+	}
+	if a.cpuFree != b.cpuFree {
+		return a.cpuFree < b.cpuFree
+	}
+	return a.slot < b.slot
+}
+
+// reindex puts slot i's agent in the fit index under its current free
+// resources, or takes it out when it is not READY.
+func (f *FSM) reindex(i int) {
+	s := &f.agentList[i]
+	if s.indexed {
+		f.fit.Delete(s.key)
+		s.indexed = false
+	}
+	if s.load.State != sandboxv1.NodeState_NODE_STATE_READY {
+		return
+	}
+	s.key = fitKey{memFree: s.load.MemoryMiB - s.load.MemoryUsed, cpuFree: s.load.CPUMillis - s.load.CPUUsed, slot: i}
+	s.indexed = true
+	f.fit.ReplaceOrInsert(s.key)
 }
 
 // usageOf returns the usage record of an agent id, creating it; an id that no
@@ -59,6 +96,7 @@ func (f *FSM) addUsage(agentID string, cpu, mem int64, n int32) {
 		l.CPUUsed += cpu
 		l.MemoryUsed += mem
 		l.Sessions += n
+		f.reindex(i)
 		return
 	}
 	u := f.usageOf(agentID)
@@ -88,6 +126,7 @@ func (f *FSM) storeAgent(a *statev1.Agent) {
 	s.load.State = a.GetState()
 	s.load.CPUMillis = int64(a.GetCpuMillis())
 	s.load.MemoryMiB = a.GetMemoryMib()
+	f.reindex(i)
 }
 
 // holds reports whether a session counts against its agent's capacity.
@@ -149,6 +188,36 @@ func (f *FSM) ForEachAgentLoad(fn func(a *statev1.Agent, l *AgentLoad)) {
 	for i := range f.agentList {
 		fn(f.agentList[i].agent, &f.agentList[i].load)
 	}
+}
+
+// ForEachFit calls fn for the READY agents with at least memoryMiB memory
+// and cpuMillis cpu free, in best-fit order (least free memory, then least
+// free cpu, then registration order), until fn returns false. Only the
+// agents it visits cost anything, so a placement among thousands of agents
+// usually looks at a handful. The rules of ForEachAgentLoad hold for fn.
+func (f *FSM) ForEachFit(cpuMillis, memoryMiB int64, fn func(a *statev1.Agent, l *AgentLoad) bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	f.fit.AscendGreaterOrEqual(fitKey{memFree: memoryMiB, cpuFree: math.MinInt64, slot: -1}, func(k fitKey) bool {
+		if k.cpuFree < cpuMillis {
+			return true
+		}
+		s := &f.agentList[k.slot]
+		return fn(s.agent, &s.load)
+	})
+}
+
+// WithAgentLoad calls fn with an agent's record and load; it is false for an agent
+// that is not registered. The rules of ForEachAgentLoad hold for fn.
+func (f *FSM) WithAgentLoad(agentID string, fn func(a *statev1.Agent, l *AgentLoad)) bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	i, ok := f.agentPos[agentID]
+	if !ok {
+		return false
+	}
+	fn(f.agentList[i].agent, &f.agentList[i].load)
+	return true
 }
 
 // AgentUsage returns what the live sessions placed on an agent hold.

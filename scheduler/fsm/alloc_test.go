@@ -3,7 +3,10 @@ package fsm
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/sandboxhq/sandbox"
@@ -148,4 +151,78 @@ func TestAllocationAfterPurgeAndRestore(t *testing.T) {
 	if cpu, mem, n := g.AgentUsage("big"); cpu != 4000 || mem != 4096 || n != 2 {
 		t.Errorf("AgentUsage(big) = %d %d %d", cpu, mem, n)
 	}
+}
+
+// bruteFit is what ForEachFit's first agent must be: the READY agent with
+// room for cpu and mem and the least free memory, then cpu, then the
+// earliest registration, found by scanning every agent.
+func bruteFit(f *FSM, cpu, mem int64) string {
+	best, bestMem, bestCPU := "", int64(0), int64(0)
+	f.ForEachAgentLoad(func(a *statev1.Agent, l *AgentLoad) {
+		fm, fc := l.MemoryMiB-l.MemoryUsed, l.CPUMillis-l.CPUUsed
+		if l.State != sandboxv1.NodeState_NODE_STATE_READY || fm < mem || fc < cpu {
+			return
+		}
+		if best == "" || fm < bestMem || (fm == bestMem && fc < bestCPU) {
+			best, bestMem, bestCPU = a.GetId(), fm, fc
+		}
+	})
+	return best
+}
+
+func firstFit(f *FSM, cpu, mem int64) string {
+	got := ""
+	f.ForEachFit(cpu, mem, func(a *statev1.Agent, _ *AgentLoad) bool {
+		got = a.GetId()
+		return false
+	})
+	return got
+}
+
+// TestFitIndexMatchesScan drives random registrations, drains, sessions,
+// ends, purges and a restore, and checks after every step that the fit
+// index yields what a scan of every agent finds.
+func TestFitIndexMatchesScan(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	f := seeded(t)
+	var live, ended []string
+	check := func(step int) {
+		t.Helper()
+		for range 5 {
+			cpu, mem := int64(rng.IntN(3000)), int64(rng.IntN(3000))
+			if got, want := firstFit(f, cpu, mem), bruteFit(f, cpu, mem); got != want {
+				t.Fatalf("step %d: best fit for %d millis %d MiB: index says %q, scan says %q", step, cpu, mem, got, want)
+			}
+		}
+	}
+	for step := range 2000 {
+		switch r := rng.IntN(10); {
+		case r == 0:
+			id := fmt.Sprintf("a%d", rng.IntN(40))
+			apply(t, f, registerSized(id, int32(1000+rng.IntN(4000)), int64(1000+rng.IntN(4000))))
+		case r == 1:
+			states := []sandboxv1.NodeState{sandboxv1.NodeState_NODE_STATE_READY, sandboxv1.NodeState_NODE_STATE_DRAINING, sandboxv1.NodeState_NODE_STATE_DEAD}
+			apply(t, f, cmd{SetAgentStateType, &statev1.SetAgentState{AgentId: fmt.Sprintf("a%d", rng.IntN(40)), State: states[rng.IntN(len(states))], At: ts(2)}})
+		case r < 6:
+			id := fmt.Sprintf("s%d", step)
+			if err, _ := apply(t, f, placeSession(id, fmt.Sprintf("a%d", rng.IntN(40)), int32(rng.IntN(1500)), int64(rng.IntN(1500)), sStarting)).(error); err == nil {
+				live = append(live, id)
+			}
+		case r < 9 && len(live) > 0:
+			i := rng.IntN(len(live))
+			mustApply(t, f, updateSession(live[i], sFailed, 50))
+			ended = append(ended, live[i])
+			live = slices.Delete(live, i, i+1)
+		case len(ended) > 0:
+			apply(t, f, purge(ended...))
+			ended = nil
+		}
+		check(step)
+	}
+	g := New(nil)
+	if err := g.Restore(io.NopCloser(bytes.NewReader(persist(t, f)))); err != nil {
+		t.Fatal(err)
+	}
+	f = g
+	check(-1)
 }

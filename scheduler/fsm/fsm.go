@@ -98,6 +98,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/google/btree"
 	"github.com/hashicorp/raft"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -182,6 +183,9 @@ type FSM struct {
 	orphans   map[string]*usage
 	agentList []agentSlot
 	agentPos  map[string]int
+	// fit orders the READY agents by what they have free (see fitKey), so
+	// that placement finds the best fit without scanning every agent.
+	fit *btree.BTreeG[fitKey]
 	// idempotency holds the records by scoped key (see idempotencyKey), and
 	// idempotencyOf indexes the scoped key by the record it names (see
 	// recordKey), so that a purge finds them without a scan.
@@ -227,6 +231,7 @@ func (f *FSM) reset() {
 	f.orphans = make(map[string]*usage)
 	f.agentList = nil
 	f.agentPos = make(map[string]int)
+	f.fit = btree.NewG(32, fitKey.less)
 	f.idempotency = make(map[string]*statev1.IdempotencyRecord)
 	f.idempotencyOf = make(map[string]string)
 }
