@@ -67,7 +67,7 @@ func main() {
 		jsonOut  = flag.String("json", "", "also write the results as JSON to this file")
 		scenario = flag.String("scenario", "latency", "latency (against a running cluster) or placement (in-process)")
 		agents   = flag.Int("agents", 10000, "placement: simulated agents")
-		conc     = flag.Int("concurrency", 256, "placement: concurrent placements")
+		conc     = flag.Int("concurrency", 128, "placement: concurrent placements")
 		duration = flag.Duration("duration", 10*time.Second, "placement: how long to place")
 		cpuProf  = flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
 	)
