@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -51,6 +52,8 @@ type fakeContainer struct {
 	exitCh chan runtime.ExitResult
 	exited bool
 	code   int
+	// updates counts Update calls.
+	updates int
 }
 
 func newFakeRuntime(t *testing.T) *fakeRuntime {
@@ -155,6 +158,26 @@ next:
 		out = append(out, runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited, ExitCode: c.code})
 	}
 	return out, nil
+}
+
+func (f *fakeRuntime) Update(_ context.Context, id string, u runtime.Update) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c, ok := f.containers[id]
+	if !ok || c.exited {
+		return runtime.ErrNotFound
+	}
+	if u.Limits != nil {
+		c.spec.Limits = *u.Limits
+	}
+	labels := maps.Clone(c.spec.Labels)
+	if labels == nil {
+		labels = map[string]string{}
+	}
+	maps.Copy(labels, u.Labels)
+	c.spec.Labels = labels
+	c.updates++
+	return nil
 }
 
 func (f *fakeRuntime) container(id string) (*fakeContainer, bool) {

@@ -21,6 +21,9 @@ const (
 	LabelAgent    = "sandbox.agent"
 	LabelSession  = "sandbox.session"
 	LabelTemplate = "sandbox.template"
+	// LabelWarm marks a container started for a warm pool, before any
+	// session claimed it (a claim adds LabelSession).
+	LabelWarm = "sandbox.warm"
 )
 
 // Spec is everything a runtime needs to start one sandbox container.
@@ -42,6 +45,14 @@ type Spec struct {
 	// LogPath, when set, is a host file (absolute path) that receives the
 	// container's stdout and stderr. Optional: empty discards them.
 	LogPath string
+	// Group, when set, lets the runtime supervise this container with the
+	// other running containers of the same group in one process (on
+	// containerd, one runc shim), which saves that process's memory per
+	// container. The price is a shared fate: if that process dies, every
+	// container of the group exits. Group names are per host and runtime
+	// namespace, so a name should carry its agent's id. Optional: empty
+	// gives the container a supervisor of its own.
+	Group string
 }
 
 // Status is what Inspect and List report.
@@ -61,6 +72,16 @@ type ExitResult struct {
 	Err      error
 }
 
+// Update changes a running container: what is nil or empty stays.
+type Update struct {
+	// Limits, when set, replaces the container's cpu, memory and pids
+	// limits. The disk limit (the size of its workspace) is fixed at
+	// creation and must equal the one it was created with.
+	Limits *sandbox.Limits
+	// Labels are added to the container's labels, replacing equal keys.
+	Labels map[string]string
+}
+
 // Runtime starts and stops sandbox containers.
 type Runtime interface {
 	// Start creates and starts a container; on error nothing is left behind.
@@ -73,6 +94,9 @@ type Runtime interface {
 	// Destroying an unknown container is not an error.
 	Destroy(ctx context.Context, id string) error
 	Inspect(ctx context.Context, id string) (Status, error)
+	// Update applies new limits and labels to a running container (a warm
+	// container claimed by a session gets the session's limits this way).
+	Update(ctx context.Context, id string, u Update) error
 	// List returns the containers carrying every label in match.
 	List(ctx context.Context, match map[string]string) ([]Status, error)
 }

@@ -14,11 +14,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	tasksapi "github.com/containerd/containerd/api/services/tasks/v1"
 	"github.com/containerd/containerd/errdefs"
+	"github.com/containerd/containerd/images"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/opencontainers/image-spec/identity"
 
@@ -331,4 +333,182 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestShimGroup checks that containers of one Group share one shim, and
+// what a crash of that shim does: every container of the group exits, and
+// each can then be destroyed without leftovers.
+func TestShimGroup(t *testing.T) {
+	rt, image := newRuntime(t, containerd.Config{})
+	group := fmt.Sprintf("shimgroup-%d", time.Now().UnixNano())
+	var specs []runtime.Spec
+	var exits []<-chan runtime.ExitResult
+	for i := range 3 {
+		spec := runtime.Spec{
+			ID:        fmt.Sprintf("%s-%d", group, i),
+			Image:     image,
+			Limits:    sandbox.DefaultLimits,
+			SocketDir: t.TempDir(),
+			Args:      []string{"sleep", "300"},
+			Group:     group,
+		}
+		if i == 2 {
+			spec.Group = "" // a container of its own, which the crash spares
+		}
+		if _, err := rt.Start(t.Context(), spec); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		t.Cleanup(func() {
+			if err := rt.Destroy(context.Background(), spec.ID); err != nil {
+				t.Errorf("Destroy %s: %v", spec.ID, err)
+			}
+		})
+		ch, err := rt.Wait(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatalf("Wait: %v", err)
+		}
+		specs = append(specs, spec)
+		exits = append(exits, ch)
+	}
+	shims := make([]int, len(specs))
+	for i, spec := range specs {
+		st, err := rt.Inspect(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatalf("Inspect: %v", err)
+		}
+		shims[i] = ppid(int(st.Pid))
+		if !isShim(shims[i]) {
+			t.Fatalf("parent %d of container %s is not a shim", shims[i], spec.ID)
+		}
+	}
+	if shims[0] != shims[1] || shims[0] == shims[2] {
+		t.Fatalf("shims %v, want the first two containers to share one and the third to have its own", shims)
+	}
+
+	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		select {
+		case res := <-exits[i]:
+			t.Logf("container %s of the killed shim's group exited: %+v", specs[i].ID, res)
+		case <-time.After(time.Minute):
+			t.Fatalf("container %s of the killed shim's group did not exit", specs[i].ID)
+		}
+		for _, id := range []string{specs[i].ID} {
+			if st, err := rt.Inspect(t.Context(), id); err != nil || st.Running {
+				t.Errorf("Inspect %s after its shim died = %+v, %v; want not running", id, st, err)
+			}
+		}
+	}
+	if st, err := rt.Inspect(t.Context(), specs[2].ID); err != nil || !st.Running {
+		t.Errorf("Inspect %s (own shim) = %+v, %v; want running", specs[2].ID, st, err)
+	}
+	// containerd cleans up after a dead shim (runc delete --force: the
+	// processes are killed, the cgroups go) in the background, so what is
+	// left after Destroy goes soon after.
+	begin := time.Now()
+	for _, spec := range specs[:2] {
+		if err := rt.Destroy(t.Context(), spec.ID); err != nil {
+			t.Fatalf("Destroy %s: %v", spec.ID, err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			err := leftovers(t.Context(), rt, spec.ID)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after Destroy: %v", err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	t.Logf("nothing left of the killed shim's containers %s after their exit", time.Since(begin))
+}
+
+// TestImageChange re-points an image name at another image: Start follows
+// the name to the new image without a restart, though it no longer looks
+// the image up at every start.
+func TestImageChange(t *testing.T) {
+	rt, image := newRuntime(t, containerd.Config{})
+	ctx := namespaces.WithNamespace(t.Context(), rt.Namespace())
+	store := rt.Client().ImageService()
+	chains := map[string]string{}
+	targets := map[string]images.Image{}
+	for _, name := range []string{image, "localhost/sandbox/base:latest"} {
+		img, err := rt.Client().GetImage(ctx, name)
+		if errdefs.IsNotFound(err) {
+			testenv.Unavailable(t, "image %s is not in containerd namespace sandbox: run make images", name)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		diffIDs, err := img.RootFS(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chains[name] = identity.ChainID(diffIDs).String()
+		targets[name] = img.Metadata()
+	}
+	alias := fmt.Sprintf("localhost/sandbox/runtimetest-alias-%d:latest", time.Now().UnixNano())
+	pointAt := func(name string) {
+		rec := targets[name]
+		rec.Name = alias
+		if _, err := store.Update(ctx, rec); errdefs.IsNotFound(err) {
+			_, err = store.Create(ctx, rec)
+			if err != nil {
+				t.Fatal(err)
+			}
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		if err := store.Delete(namespaces.WithNamespace(context.Background(), rt.Namespace()), alias); err != nil {
+			t.Errorf("delete image %s: %v", alias, err)
+		}
+	})
+	// parent starts a container of alias and returns the snapshot its root
+	// view was made from.
+	i := 0
+	parent := func() string {
+		t.Helper()
+		i++
+		spec := runtime.Spec{
+			ID:        fmt.Sprintf("alias-%d-%d", i, time.Now().UnixNano()),
+			Image:     alias,
+			Limits:    sandbox.DefaultLimits,
+			SocketDir: t.TempDir(),
+			Args:      []string{"sleep", "300"},
+		}
+		if _, err := rt.Start(t.Context(), spec); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		defer func() {
+			if err := rt.Destroy(context.Background(), spec.ID); err != nil {
+				t.Errorf("Destroy: %v", err)
+			}
+		}()
+		info, err := rt.Client().SnapshotService(containerd.DefaultConfig().Snapshotter).Stat(ctx, spec.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.Parent
+	}
+
+	pointAt(image)
+	if got := parent(); got != chains[image] {
+		t.Fatalf("root made from %s, want %s's %s", got, image, chains[image])
+	}
+	pointAt("localhost/sandbox/base:latest")
+	// containerd reports the change as an event, a moment after Update.
+	deadline := time.Now().Add(10 * time.Second)
+	for got := parent(); got != chains["localhost/sandbox/base:latest"]; got = parent() {
+		if time.Now().After(deadline) {
+			t.Fatalf("root still made from %s after the name moved to the base image", got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("the moved name was followed by start %d after the move", i-1)
 }

@@ -1,11 +1,15 @@
 package containerd
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path"
+	"strconv"
 	"strings"
 
+	"github.com/containerd/containerd/containers"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/sandboxhq/sandbox"
@@ -27,6 +31,11 @@ const (
 	// cpuPeriod is the CFS period; the quota is CPUMillis/1000 of it.
 	cpuPeriod = 100000
 	mib       = 1 << 20
+
+	// groupAnnotation makes containerd's runc v2 shim serve every container
+	// whose spec carries the same value from one shim process (the shim's
+	// start command hashes it into the socket address it looks for).
+	groupAnnotation = "io.containerd.runc.v2.group"
 )
 
 // imageInfo is what the spec needs from an image, read once per image digest.
@@ -77,14 +86,16 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 		env = append([]string{img.pathEnv}, env...)
 	}
 
-	memory := s.Limits.MemoryMiB * mib
-	// On cgroup v1 "swap" is memory+swap, so equal to memory means no swap.
-	swap := memory
-	quota := int64(s.Limits.CPUMillis) * cpuPeriod / 1000
-	period := uint64(cpuPeriod)
+	res := resources(s.Limits)
+	res.Devices = deviceRules()
+	var annotations map[string]string
+	if s.Group != "" {
+		annotations = map[string]string{groupAnnotation: s.Group}
+	}
 
 	return &specs.Spec{
-		Version: specs.Version,
+		Version:     specs.Version,
+		Annotations: annotations,
 		// containerd's runc shim mounts the snapshot at <bundle>/rootfs.
 		Root:     &specs.Root{Path: "rootfs", Readonly: true},
 		Hostname: Hostname,
@@ -117,12 +128,7 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 			},
 			Devices:     devices(),
 			CgroupsPath: path.Join(cgroupParent, s.ID),
-			Resources: &specs.LinuxResources{
-				Devices: deviceRules(),
-				Memory:  &specs.LinuxMemory{Limit: &memory, Swap: &swap},
-				CPU:     &specs.LinuxCPU{Quota: &quota, Period: &period},
-				Pids:    &specs.LinuxPids{Limit: int64(s.Limits.Pids)},
-			},
+			Resources:   res,
 			// maskedPaths and readonlyPaths are empty on purpose. bubblewrap
 			// mounts a fresh /proc for user code (--proc), and the kernel
 			// refuses that while the container's /proc has paths mounted over
@@ -206,4 +212,42 @@ func deviceRules() []specs.LinuxDeviceCgroup {
 		specs.LinuxDeviceCgroup{Allow: true, Type: "c", Major: i(5), Minor: i(2), Access: "rwm"},
 		specs.LinuxDeviceCgroup{Allow: true, Type: "c", Major: i(136), Minor: nil, Access: "rwm"},
 	)
+}
+
+// workspaceMiB reads the size of /workspace from a container's spec.
+func workspaceMiB(c containers.Container) (int64, error) {
+	if c.Spec == nil {
+		return 0, errors.New("container has no spec")
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(c.Spec.GetValue(), &spec); err != nil {
+		return 0, fmt.Errorf("decode spec: %w", err)
+	}
+	for _, m := range spec.Mounts {
+		if m.Destination != WorkspacePath {
+			continue
+		}
+		for _, o := range m.Options {
+			if v, ok := strings.CutPrefix(o, "size="); ok {
+				if n, ok := strings.CutSuffix(v, "m"); ok {
+					return strconv.ParseInt(n, 10, 64)
+				}
+			}
+		}
+	}
+	return 0, fmt.Errorf("spec has no %s tmpfs with a size in MiB", WorkspacePath)
+}
+
+// resources are the cgroup limits of l: cpu quota, memory without swap, pids.
+func resources(l sandbox.Limits) *specs.LinuxResources {
+	memory := l.MemoryMiB * mib
+	// On cgroup v1 "swap" is memory+swap, so equal to memory means no swap.
+	swap := memory
+	quota := int64(l.CPUMillis) * cpuPeriod / 1000
+	period := uint64(cpuPeriod)
+	return &specs.LinuxResources{
+		Memory: &specs.LinuxMemory{Limit: &memory, Swap: &swap},
+		CPU:    &specs.LinuxCPU{Quota: &quota, Period: &period},
+		Pids:   &specs.LinuxPids{Limit: int64(l.Pids)},
+	}
 }

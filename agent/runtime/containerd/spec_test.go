@@ -5,6 +5,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/containerd/containerd/containers"
+	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/sandboxhq/sandbox"
@@ -130,5 +132,36 @@ func TestOCISpecOverrides(t *testing.T) {
 	}
 	if !slices.Equal(s.Process.Env, sp.Env) {
 		t.Errorf("env = %v, want Spec.Env unchanged when it sets PATH", s.Process.Env)
+	}
+}
+
+// TestOCISpecGroup: a Group becomes the annotation that makes the runc shim
+// serve the group's containers from one process; no Group, no annotation.
+func TestOCISpecGroup(t *testing.T) {
+	img := imageInfo{pathEnv: "PATH=/image"}
+	sp := validSpec()
+	if a := ociSpec(sp, img, "/sandbox", 64).Annotations; len(a) != 0 {
+		t.Errorf("annotations without a group = %v, want none", a)
+	}
+	sp.Group = "agent-1/python-basic/3"
+	if got := ociSpec(sp, img, "/sandbox", 64).Annotations["io.containerd.runc.v2.group"]; got != sp.Group {
+		t.Errorf("group annotation = %q, want %q", got, sp.Group)
+	}
+}
+
+// TestWorkspaceMiB reads back the workspace size ociSpec wrote, which
+// Update checks a new disk limit against.
+func TestWorkspaceMiB(t *testing.T) {
+	sp := validSpec()
+	v, err := typeurl.MarshalAny(ociSpec(sp, imageInfo{}, "/sandbox", 64))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := workspaceMiB(containers.Container{ID: sp.ID, Spec: v})
+	if err != nil || got != sp.Limits.DiskMiB {
+		t.Errorf("workspaceMiB = %d, %v; want %d", got, err, sp.Limits.DiskMiB)
+	}
+	if _, err := workspaceMiB(containers.Container{ID: sp.ID}); err == nil {
+		t.Error("workspaceMiB of a container without a spec: no error")
 	}
 }

@@ -104,6 +104,9 @@ func Run(t *testing.T, h Harness) {
 		{"Devices", s.testDevices},
 		{"Bubblewrap", s.testBubblewrap},
 		{"CgroupLimits", s.testCgroupLimits},
+		{"Update", s.testUpdate},
+		{"UpdateErrors", s.testUpdateErrors},
+		{"Group", s.testGroup},
 		{"OOMKill", s.testOOMKill},
 		{"Stop", s.testStop},
 		{"Destroy", s.testDestroy},
@@ -492,6 +495,200 @@ func (s *suite) testCgroupLimits(t *testing.T) {
 	want := CgroupLimits{MemoryBytes: 96 << 20, MemorySwapBytes: 96 << 20, CPUQuotaMicros: 25000, CPUPeriodMicros: 100000, Pids: 48}
 	if got != want {
 		t.Errorf("cgroup limits = %+v, want %+v", got, want)
+	}
+}
+
+// testUpdate: a running container (as a warm one is before its claim) gets
+// new cpu, memory (still without swap) and pids limits on its cgroup, and
+// new labels beside its old ones, visible to Inspect and List.
+func (s *suite) testUpdate(t *testing.T) {
+	spec := s.spec(t, "sleep", "300")
+	s.start(t, spec)
+	claim := "claimed-" + randomHex(4)
+	limits := sandbox.Limits{CPUMillis: 1500, MemoryMiB: 200, Pids: 100, DiskMiB: spec.Limits.DiskMiB, MaxExecutionTimeoutSeconds: 30}
+	err := s.h.Runtime.Update(t.Context(), spec.ID, runtime.Update{
+		Limits: &limits,
+		Labels: map[string]string{runtime.LabelSession: claim, "sandbox.test.claim": claim},
+	})
+	if err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	if s.h.CgroupLimits != nil {
+		got, err := s.h.CgroupLimits(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatalf("read cgroup limits: %v", err)
+		}
+		want := CgroupLimits{MemoryBytes: 200 << 20, MemorySwapBytes: 200 << 20, CPUQuotaMicros: 150000, CPUPeriodMicros: 100000, Pids: 100}
+		if got != want {
+			t.Errorf("cgroup limits after Update = %+v, want %+v", got, want)
+		}
+	}
+	wantLabels := map[string]string{runtime.LabelAgent: s.agent, runtime.LabelSession: claim, "sandbox.test.claim": claim}
+	st, err := s.h.Runtime.Inspect(t.Context(), spec.ID)
+	if err != nil {
+		t.Fatalf("Inspect: %v", err)
+	}
+	if !st.Running {
+		t.Errorf("Inspect after Update = %+v, want running", st)
+	}
+	checkKV(t, st.Labels, wantLabels)
+	l, err := s.h.Runtime.List(t.Context(), map[string]string{runtime.LabelSession: claim})
+	if err != nil || len(l) != 1 || l[0].ID != spec.ID {
+		t.Fatalf("List by the new session label = %v, %v; want %s", l, err, spec.ID)
+	}
+	checkKV(t, l[0].Labels, wantLabels)
+
+	// Labels alone leave the limits as they are.
+	if err := s.h.Runtime.Update(t.Context(), spec.ID, runtime.Update{Labels: map[string]string{"sandbox.test.more": "1"}}); err != nil {
+		t.Fatalf("Update of labels alone: %v", err)
+	}
+	if st, err = s.h.Runtime.Inspect(t.Context(), spec.ID); err != nil {
+		t.Fatalf("Inspect: %v", err)
+	}
+	checkKV(t, st.Labels, map[string]string{runtime.LabelSession: claim, "sandbox.test.more": "1"})
+	if s.h.CgroupLimits != nil {
+		got, err := s.h.CgroupLimits(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatalf("read cgroup limits: %v", err)
+		}
+		if got.MemoryBytes != 200<<20 || got.Pids != 100 {
+			t.Errorf("cgroup limits after an Update of labels = %+v, want those of the first Update", got)
+		}
+	}
+
+	// Limits shrink as well as grow (on cgroup v1 the memory and
+	// memory+swap limits must then be written in the other order).
+	limits = sandbox.Limits{CPUMillis: 250, MemoryMiB: 64, Pids: 32, DiskMiB: spec.Limits.DiskMiB}
+	if err := s.h.Runtime.Update(t.Context(), spec.ID, runtime.Update{Limits: &limits}); err != nil {
+		t.Fatalf("Update to smaller limits: %v", err)
+	}
+	if s.h.CgroupLimits != nil {
+		got, err := s.h.CgroupLimits(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatalf("read cgroup limits: %v", err)
+		}
+		want := CgroupLimits{MemoryBytes: 64 << 20, MemorySwapBytes: 64 << 20, CPUQuotaMicros: 25000, CPUPeriodMicros: 100000, Pids: 32}
+		if got != want {
+			t.Errorf("cgroup limits after a shrinking Update = %+v, want %+v", got, want)
+		}
+	}
+}
+
+// testUpdateErrors: an unknown container is ErrNotFound; limits the kernel
+// would read as "unlimited", or a disk size other than the container's,
+// are ErrInvalidArgument and change nothing.
+func (s *suite) testUpdateErrors(t *testing.T) {
+	rt := s.h.Runtime
+	unknown := "rtt-never-existed-" + randomHex(4)
+	ok := testLimits
+	for name, u := range map[string]runtime.Update{
+		"labels": {Labels: map[string]string{runtime.LabelSession: "x"}},
+		"limits": {Limits: &ok},
+	} {
+		if err := rt.Update(t.Context(), unknown, u); !errors.Is(err, runtime.ErrNotFound) {
+			t.Errorf("Update (%s) of an unknown container: %v, want ErrNotFound", name, err)
+		}
+	}
+
+	spec := s.spec(t, "sleep", "300")
+	s.start(t, spec)
+	cases := []struct {
+		name   string
+		modify func(*sandbox.Limits)
+	}{
+		{"zero cpu", func(l *sandbox.Limits) { l.CPUMillis = 0 }},
+		{"zero memory", func(l *sandbox.Limits) { l.MemoryMiB = 0 }},
+		{"zero pids", func(l *sandbox.Limits) { l.Pids = 0 }},
+		{"negative memory", func(l *sandbox.Limits) { l.MemoryMiB = -1 }},
+		{"other disk", func(l *sandbox.Limits) { l.DiskMiB = spec.Limits.DiskMiB * 2 }},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			l := spec.Limits
+			l.MemoryMiB *= 2
+			c.modify(&l)
+			err := rt.Update(t.Context(), spec.ID, runtime.Update{Limits: &l, Labels: map[string]string{"sandbox.test.bad": "1"}})
+			if !errors.Is(err, sandbox.ErrInvalidArgument) {
+				t.Fatalf("Update with %+v: %v, want ErrInvalidArgument", l, err)
+			}
+		})
+	}
+	st, err := rt.Inspect(t.Context(), spec.ID)
+	if err != nil {
+		t.Fatalf("Inspect: %v", err)
+	}
+	if _, ok := st.Labels["sandbox.test.bad"]; ok || !st.Running {
+		t.Errorf("after refused Updates: %+v, want running without their label", st)
+	}
+	if s.h.CgroupLimits != nil {
+		got, err := s.h.CgroupLimits(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatalf("read cgroup limits: %v", err)
+		}
+		if got.MemoryBytes != spec.Limits.MemoryMiB<<20 {
+			t.Errorf("memory limit after refused Updates = %d, want the original %d", got.MemoryBytes, spec.Limits.MemoryMiB<<20)
+		}
+	}
+}
+
+// testGroup: containers that share a Group live and die independently: the
+// first of a group can go while the others keep running, a new one joins,
+// and each one stops, updates and is destroyed on its own.
+func (s *suite) testGroup(t *testing.T) {
+	rt := s.h.Runtime
+	group := s.agent + "/group-" + randomHex(4)
+	member := func() runtime.Spec {
+		spec := s.script(t, `trap 'exit 3' TERM; touch /run/sandbox/ready; sleep 300 & wait`)
+		spec.Group = group
+		s.start(t, spec)
+		eventually(t, 30*time.Second, "the probe to be ready", func() bool {
+			_, err := os.Stat(filepath.Join(spec.SocketDir, "ready"))
+			return err == nil
+		})
+		return spec
+	}
+	first, second := member(), member()
+	if err := rt.Destroy(t.Context(), first.ID); err != nil {
+		t.Fatalf("Destroy the group's first container: %v", err)
+	}
+	if s.h.Leftovers != nil {
+		if err := s.h.Leftovers(t.Context(), first.ID); err != nil {
+			t.Errorf("after Destroy: %v", err)
+		}
+	}
+	third := member()
+	for _, spec := range []runtime.Spec{second, third} {
+		if st, err := rt.Inspect(t.Context(), spec.ID); err != nil || !st.Running {
+			t.Fatalf("Inspect %s after its group's first container went = %+v, %v; want running", spec.ID, st, err)
+		}
+	}
+	l := third.Limits
+	l.MemoryMiB *= 2
+	if err := rt.Update(t.Context(), third.ID, runtime.Update{Limits: &l}); err != nil {
+		t.Fatalf("Update a container of a group: %v", err)
+	}
+	ch, err := rt.Wait(t.Context(), second.ID)
+	if err != nil {
+		t.Fatalf("Wait: %v", err)
+	}
+	if err := rt.Stop(t.Context(), second.ID, time.Minute); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if res := waitExit(t, ch, time.Minute); res.ExitCode != 3 {
+		t.Errorf("exit code %d, want 3", res.ExitCode)
+	}
+	if st, err := rt.Inspect(t.Context(), third.ID); err != nil || !st.Running {
+		t.Errorf("Inspect %s after another of its group stopped = %+v, %v; want running", third.ID, st, err)
+	}
+	for _, spec := range []runtime.Spec{second, third} {
+		if err := rt.Destroy(t.Context(), spec.ID); err != nil {
+			t.Fatalf("Destroy %s: %v", spec.ID, err)
+		}
+		if s.h.Leftovers != nil {
+			if err := s.h.Leftovers(t.Context(), spec.ID); err != nil {
+				t.Errorf("after Destroy: %v", err)
+			}
+		}
 	}
 }
 

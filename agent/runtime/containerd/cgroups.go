@@ -1,0 +1,124 @@
+package containerd
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxhq/sandbox"
+)
+
+// cgroupRoot is where the host mounts its cgroup filesystems.
+const cgroupRoot = "/sys/fs/cgroup"
+
+// cgroupLimits writes a running container's cpu, memory and pids limits
+// straight into the cgroup runc made for it at creation. It does what
+// "runc update" does, without the fork and exec of runc through the shim:
+// about 5 ms saved on the claim of a warm container, whose whole budget is
+// 5 ms. runc's own record of the limits goes stale, which nothing reads:
+// a later update sets them all, and delete removes the cgroup by path.
+type cgroupLimits struct {
+	// unified is true on a cgroup v2 host. A hybrid host (v1 controllers
+	// and a cgroup2 mount beside them) is v1 to runc, and so to this.
+	unified bool
+}
+
+// detectCgroups tells a cgroup v2 host (cgroup2 mounted at the root) from
+// a v1 or hybrid one, as runc does.
+func detectCgroups() (cgroupLimits, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(cgroupRoot, &st); err != nil {
+		return cgroupLimits{}, fmt.Errorf("stat %s: %w", cgroupRoot, err)
+	}
+	return cgroupLimits{unified: st.Type == unix.CGROUP2_SUPER_MAGIC}, nil
+}
+
+// set applies l to the cgroup at path (relative to each hierarchy's root):
+// memory first, the write most likely to fail (the kernel refuses a limit
+// below what the container already uses), then cpu and pids.
+func (c cgroupLimits) set(path string, l sandbox.Limits) error {
+	memory := l.MemoryMiB * mib
+	quota := int64(l.CPUMillis) * cpuPeriod / 1000
+	pids := l.Pids
+	if c.unified {
+		return c.setUnified(filepath.Join(cgroupRoot, path), memory, quota, pids)
+	}
+	mem := filepath.Join(cgroupRoot, "memory", path)
+	current, err := os.ReadFile(filepath.Join(mem, "memory.limit_in_bytes"))
+	if errors.Is(err, os.ErrNotExist) {
+		return errNoCgroup(mem, err)
+	}
+	if err != nil {
+		return err
+	}
+	// memory.memsw.limit_in_bytes (memory plus swap, equal to memory: no
+	// swap) may never be below memory.limit_in_bytes, so which of the two
+	// goes first depends on whether the limit grows or shrinks.
+	writes := [][2]string{
+		{filepath.Join(mem, "memory.limit_in_bytes"), strconv.FormatInt(memory, 10)},
+		{filepath.Join(mem, "memory.memsw.limit_in_bytes"), strconv.FormatInt(memory, 10)},
+	}
+	if cur, err := strconv.ParseInt(strings.TrimSpace(string(current)), 10, 64); err == nil && memory > cur {
+		writes[0], writes[1] = writes[1], writes[0]
+	}
+	cpu := filepath.Join(cgroupRoot, "cpu", path)
+	return writeAll(append(writes,
+		[2]string{filepath.Join(cpu, "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)},
+		[2]string{filepath.Join(cpu, "cpu.cfs_quota_us"), strconv.FormatInt(quota, 10)},
+		[2]string{filepath.Join(cgroupRoot, "pids", path, "pids.max"), strconv.Itoa(int(pids))},
+	)...)
+}
+
+// setUnified is set on cgroup v2, where swap has a limit of its own.
+func (c cgroupLimits) setUnified(dir string, memory, quota int64, pids int32) error {
+	if _, err := os.Stat(dir); err != nil {
+		return errNoCgroup(dir, err)
+	}
+	writes := [][2]string{{filepath.Join(dir, "memory.max"), strconv.FormatInt(memory, 10)}}
+	// Without swap accounting the file is missing, as it is to runc.
+	if swap := filepath.Join(dir, "memory.swap.max"); fileExists(swap) {
+		writes = append(writes, [2]string{swap, "0"})
+	}
+	return writeAll(append(writes,
+		[2]string{filepath.Join(dir, "cpu.max"), fmt.Sprintf("%d %d", quota, cpuPeriod)},
+		[2]string{filepath.Join(dir, "pids.max"), strconv.Itoa(int(pids))},
+	)...)
+}
+
+// writeAll writes each value to its file, in order, stopping at the first
+// failure.
+func writeAll(writes ...[2]string) error {
+	for _, w := range writes {
+		f, err := os.OpenFile(w[0], os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			return err
+		}
+		_, err = f.WriteString(w[1])
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if errors.Is(err, syscall.EBUSY) {
+			return fmt.Errorf("%w: write %s to %s: the container uses more memory than that: %w", sandbox.ErrFailedPrecondition, w[1], w[0], err)
+		}
+		if err != nil {
+			return fmt.Errorf("write %s to %s: %w", w[1], w[0], err)
+		}
+	}
+	return nil
+}
+
+// errNoCgroup: a container without a cgroup has no running task.
+func errNoCgroup(dir string, err error) error {
+	return fmt.Errorf("%w: no cgroup %s, so the container is not running: %w", sandbox.ErrFailedPrecondition, dir, err)
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
