@@ -79,7 +79,10 @@ type Config struct {
 	MemoryMiB int64
 	// ExecutorLogLevel is passed to every executor as LOG_LEVEL.
 	ExecutorLogLevel string
-	Logger           *slog.Logger
+	// WarmConcurrency bounds how many warm containers start at once when
+	// the pools refill (0: 2).
+	WarmConcurrency int
+	Logger          *slog.Logger
 	// Registry receives the agent's metrics and is served on /metrics; a fresh one when nil.
 	Registry *prometheus.Registry
 }
@@ -167,6 +170,9 @@ type Agent struct {
 	cancel  context.CancelFunc
 	// wg tracks every goroutine the agent starts (watchers, callback servers, registration).
 	wg sync.WaitGroup
+
+	// pools are the warm pools (see pool.go).
+	pools *pools
 
 	mu       sync.Mutex
 	sessions map[string]*session
@@ -258,6 +264,11 @@ func New(cfg Config) (*Agent, error) {
 		sessions:           map[string]*session{},
 		meshUpdate:         make(chan struct{}, 1),
 		fenceTerm:          term,
+		pools:              newPools(cfg.WarmConcurrency),
+	}
+	if err := cfg.Registry.Register(warmReadyCollector{a.pools}); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("agent metrics: %w", err)
 	}
 	cpClient := &http.Client{Transport: cpTransport}
 	a.cp = newFailoverCP(cfg.ServerURL, func(url string) agentv1connect.ControlPlaneServiceClient {
@@ -321,6 +332,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() {
 		defer a.wg.Done()
 		a.registerLoop(a.baseCtx, addr, bootID)
+	}()
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.runPools(a.baseCtx)
 	}()
 
 	if a.cfg.Gossip != nil {

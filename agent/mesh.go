@@ -26,6 +26,7 @@ func (a *Agent) joinMesh(ctx context.Context, addr, bootID string) (*membership.
 			FreeCpuMillis: freeCPU,
 			FreeMemoryMib: freeMem,
 			BootId:        bootID,
+			Warm:          a.pools.readyCounts(),
 		}
 	}
 	mesh, err := membership.New(ctx, cfg)

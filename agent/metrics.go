@@ -14,6 +14,10 @@ type metrics struct {
 	fenced       prometheus.Counter
 	fenceTerm    prometheus.Gauge
 	recovered    *prometheus.CounterVec
+
+	warmStarts        *prometheus.CounterVec
+	warmClaims        *prometheus.CounterVec
+	warmRefillSeconds *prometheus.HistogramVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -43,8 +47,21 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "sandbox_agent_startup_decisions_total",
 			Help: "What the agent did at start-up with what a previous run left, by decision (adopted, destroyed, dropped).",
 		}, []string{"decision"}),
+		warmStarts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sandbox_agent_warm_starts_total",
+			Help: "Warm containers started for the pools, by template and result (ok, error).",
+		}, []string{"template", "result"}),
+		warmClaims: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sandbox_agent_warm_claims_total",
+			Help: "Session starts by template and result: hit (a warm container was claimed) or miss (a container was created).",
+		}, []string{"template", "result"}),
+		warmRefillSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "sandbox_agent_warm_refill_seconds",
+			Help:    "Time to start one warm container until its executor answers /health, by template.",
+			Buckets: []float64{0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
+		}, []string{"template"}),
 	}
-	for _, c := range []prometheus.Collector{m.startSeconds, m.sessions, m.callbacks, m.fenced, m.fenceTerm, m.recovered} {
+	for _, c := range []prometheus.Collector{m.startSeconds, m.sessions, m.callbacks, m.fenced, m.fenceTerm, m.recovered, m.warmStarts, m.warmClaims, m.warmRefillSeconds} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) {
@@ -54,4 +71,28 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}
 	}
 	return m, nil
+}
+
+// warmReadyDesc is sandbox_agent_warm_ready: ready containers per template.
+var warmReadyDesc = prometheus.NewDesc("sandbox_agent_warm_ready",
+	"Ready warm containers in this agent's pool, by template.", []string{"template"}, nil)
+
+// warmReadyCollector reads the pools at scrape time.
+type warmReadyCollector struct{ p *pools }
+
+func (c warmReadyCollector) Describe(ch chan<- *prometheus.Desc) { ch <- warmReadyDesc }
+
+func (c warmReadyCollector) Collect(ch chan<- prometheus.Metric) {
+	c.p.mu.Lock()
+	counts := make(map[string]int, len(c.p.targets)+len(c.p.ready))
+	for t := range c.p.targets {
+		counts[t] = 0
+	}
+	for t, ws := range c.p.ready {
+		counts[t] = len(ws)
+	}
+	c.p.mu.Unlock()
+	for t, n := range counts {
+		ch <- prometheus.MustNewConstMetric(warmReadyDesc, prometheus.GaugeValue, float64(n), t)
+	}
 }

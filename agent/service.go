@@ -34,25 +34,36 @@ var _ agentv1connect.AgentServiceHandler = (*service)(nil)
 
 func (sv *service) StartSession(ctx context.Context, req *connect.Request[agentv1.StartSessionRequest]) (*connect.Response[agentv1.StartSessionResponse], error) {
 	m := req.Msg
-	l := m.GetLimits()
 	id, err := sv.a.startSession(ctx, startParams{
 		SessionID:  m.GetSessionId(),
 		TemplateID: m.GetTemplateId(),
 		Image:      m.GetImage(),
-		Limits: sandbox.Limits{
-			CPUMillis:                  l.GetCpuMillis(),
-			MemoryMiB:                  l.GetMemoryMib(),
-			Pids:                       l.GetPids(),
-			DiskMiB:                    l.GetDiskMib(),
-			MaxExecutionTimeoutSeconds: l.GetMaxExecutionTimeoutSeconds(),
-		},
-		Env:   m.GetEnv(),
-		Token: m.GetCallbackToken(),
+		Limits:     limitsOf(m.GetLimits()),
+		Env:        m.GetEnv(),
+		Token:      m.GetCallbackToken(),
 	})
 	if err != nil {
 		return nil, connectError(err)
 	}
 	return connect.NewResponse(&agentv1.StartSessionResponse{ContainerId: id}), nil
+}
+
+// limitsOf converts the wire limits.
+func limitsOf(l *sandboxv1.ResourceLimits) sandbox.Limits {
+	return sandbox.Limits{
+		CPUMillis:                  l.GetCpuMillis(),
+		MemoryMiB:                  l.GetMemoryMib(),
+		Pids:                       l.GetPids(),
+		DiskMiB:                    l.GetDiskMib(),
+		MaxExecutionTimeoutSeconds: l.GetMaxExecutionTimeoutSeconds(),
+	}
+}
+
+func (sv *service) SetWarmPools(_ context.Context, req *connect.Request[agentv1.SetWarmPoolsRequest]) (*connect.Response[agentv1.SetWarmPoolsResponse], error) {
+	if err := sv.a.setWarmPools(req.Msg); err != nil {
+		return nil, connectError(err)
+	}
+	return connect.NewResponse(&agentv1.SetWarmPoolsResponse{}), nil
 }
 
 func (sv *service) StopSession(ctx context.Context, req *connect.Request[agentv1.StopSessionRequest]) (*connect.Response[agentv1.StopSessionResponse], error) {
@@ -251,6 +262,9 @@ func (a *Agent) listContainers(ctx context.Context) ([]*agentv1.Container, error
 			delete(byContainer, st.ID)
 		} else {
 			h.sessionID = st.Labels[runtime.LabelSession]
+			if h.sessionID == "" && st.Labels[runtime.LabelWarm] != "" {
+				continue // a warm pool's: no session of the servers' concern
+			}
 		}
 		out = append(out, &agentv1.Container{ContainerId: st.ID, SessionId: h.sessionID, Running: st.Running, PendingExecutionIds: h.pending})
 	}

@@ -176,8 +176,18 @@ func (a *Agent) startSession(ctx context.Context, p startParams) (string, error)
 	a.sessionsChanged()
 	a.mu.Unlock()
 
-	log := a.log.With("session", s.id, "container", s.containerID)
-	err := a.launch(launchCtx, s, p)
+	claimed := false
+	var err error
+	if w := a.claimWarm(p.TemplateID, p.Image, p.Limits); w != nil {
+		claimed, err = a.claim(launchCtx, s, w, p)
+		if !claimed {
+			a.log.Warn("claiming a warm container failed; starting a new one", "session", s.id, "container", w.id, "err", err)
+		}
+	}
+	if !claimed {
+		err = a.launch(launchCtx, s, p)
+	}
+	log := a.log.With("session", s.id, "container", s.containerID, "warm", claimed)
 
 	a.mu.Lock()
 	if err == nil {
@@ -228,24 +238,11 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 		return err
 	}
 
-	spec := runtime.Spec{
-		ID:        s.containerID,
-		Image:     s.image,
-		Limits:    p.Limits,
-		SocketDir: s.dir,
-		LogPath:   a.executorLog(s.containerID),
-		Env: []string{
-			"WORKSPACE_PATH=/workspace",
-			"CONTROL_PLANE_URL=unix://" + executorapi.SocketDir + "/" + executorapi.AgentSocket,
-			"EXECUTOR_SOCKET=" + executorapi.SocketDir + "/" + executorapi.ExecutorSocket,
-			"LOG_LEVEL=" + a.cfg.ExecutorLogLevel,
-		},
-		Labels: map[string]string{
-			runtime.LabelAgent:    a.cfg.ID,
-			runtime.LabelSession:  s.id,
-			runtime.LabelTemplate: s.templateID,
-		},
-	}
+	spec := a.containerSpec(s.containerID, s.dir, s.image, p.Limits, map[string]string{
+		runtime.LabelAgent:    a.cfg.ID,
+		runtime.LabelSession:  s.id,
+		runtime.LabelTemplate: s.templateID,
+	})
 	begin := time.Now()
 	if _, err := a.rt.Start(ctx, spec); err != nil {
 		return fmt.Errorf("runtime start of container %s (image %s): %w", s.containerID, s.image, err)
@@ -269,8 +266,84 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 	if err := s.exec.init(ctx, executorapi.InitRequest{SessionID: s.id, Token: s.token, Env: p.Env}); err != nil {
 		return fmt.Errorf("init executor: %w", err)
 	}
-	// Written last: a container without a record is destroyed at the next
-	// start-up, so a crash before this line leaves nothing behind.
+	return a.recordSession(s, p)
+}
+
+// claim gives a warm container to a session: the session's limits and
+// label on the container, its token and env to the executor (/init), then
+// the callback server, the exit watcher and the record. Should the container
+// refuse the limits or the init, it is destroyed and claim returns used false
+// (the caller starts a new container); once the session uses it, a failure
+// fails the start, whose cleanup destroys it.
+func (a *Agent) claim(ctx context.Context, s *session, w *warmContainer, p startParams) (used bool, err error) {
+	if err := a.rt.Update(ctx, w.id, runtime.Update{Limits: &p.Limits}); err != nil {
+		a.destroyWarm(w, "the claim could not apply the session's limits")
+		return false, fmt.Errorf("apply the session's limits to warm container %s: %w", w.id, err)
+	}
+	exec := newExecutorClient(s.id, filepath.Join(w.dir, executorapi.ExecutorSocket), s.token)
+	if err := exec.init(ctx, executorapi.InitRequest{SessionID: s.id, Token: s.token, Env: p.Env}); err != nil {
+		exec.close()
+		a.destroyWarm(w, "its executor refused the session")
+		return false, fmt.Errorf("init executor of warm container %s: %w", w.id, err)
+	}
+	a.mu.Lock()
+	s.containerID, s.dir, s.exec = w.id, w.dir, exec
+	s.started = true
+	a.mu.Unlock()
+	if err := a.serveCallbacks(s); err != nil {
+		return true, err
+	}
+	exitCh, err := a.rt.Wait(s.ctx, s.containerID)
+	if err != nil {
+		return true, fmt.Errorf("wait on container %s: %w", s.containerID, err)
+	}
+	a.wg.Add(1)
+	go a.watch(s, exitCh)
+	if err := a.recordSession(s, p); err != nil {
+		return true, err
+	}
+	// The session's label is for operators (and a cross-check at re-adoption):
+	// agent.db is what maps the session to its container, so the label is
+	// written off the start's path, where a burst of claims would queue on
+	// the runtime's metadata store.
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		lctx, cancel := context.WithTimeout(s.ctx, destroyTimeout)
+		defer cancel()
+		if err := a.rt.Update(lctx, s.containerID, runtime.Update{Labels: map[string]string{runtime.LabelSession: s.id}}); err != nil && s.ctx.Err() == nil {
+			a.log.Warn("label a claimed container with its session", "session", s.id, "container", s.containerID, "err", err)
+		}
+	}()
+	return true, nil
+}
+
+// containerSpec is the runtime spec of a sandbox container, for a session
+// or a warm pool.
+func (a *Agent) containerSpec(id, dir, image string, l sandbox.Limits, labels map[string]string) runtime.Spec {
+	return runtime.Spec{
+		ID:        id,
+		Image:     image,
+		Limits:    l,
+		SocketDir: dir,
+		LogPath:   a.executorLog(id),
+		Env: []string{
+			"WORKSPACE_PATH=/workspace",
+			"CONTROL_PLANE_URL=unix://" + executorapi.SocketDir + "/" + executorapi.AgentSocket,
+			"EXECUTOR_SOCKET=" + executorapi.SocketDir + "/" + executorapi.ExecutorSocket,
+			"LOG_LEVEL=" + a.cfg.ExecutorLogLevel,
+			// The executor runs on one OS thread; set here, it need not
+			// re-execute itself to get it (see cmd/sandbox-executor).
+			"GOMAXPROCS=1",
+		},
+		Labels: labels,
+	}
+}
+
+// recordSession writes a started session to agent.db. Written last: a
+// container without a record is destroyed at the next start-up, so a crash
+// before it leaves nothing behind.
+func (a *Agent) recordSession(s *session, p startParams) error {
 	rec := state.Session{
 		SessionID:   s.id,
 		ContainerID: s.containerID,
@@ -293,19 +366,27 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 	return nil
 }
 
-// waitHealthy polls the executor's /health until it answers ok, the container
-// exits, or timeout passes. The socket appears asynchronously, so a short
-// poll interval keeps session start fast.
+// waitHealthy polls a session's executor until /health answers ok, the
+// container exits, or timeout passes.
 func (a *Agent) waitHealthy(ctx context.Context, s *session, timeout time.Duration) (executorapi.Health, error) {
+	return pollHealth(ctx, s.exec, s.exited, a.healthInterval, timeout, func() string {
+		return fmt.Sprintf("container %s of session %s exited before its executor was healthy: %s", s.containerID, s.id, exitReason(s.exit))
+	})
+}
+
+// pollHealth polls an executor's /health until it answers ok, exited is
+// closed (then the error is exitMsg()), or timeout passes. The socket
+// appears asynchronously, so a short poll interval keeps starts fast.
+func pollHealth(ctx context.Context, c *executorClient, exited <-chan struct{}, interval, timeout time.Duration, exitMsg func() string) (executorapi.Health, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	tick := time.NewTicker(a.healthInterval)
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	var last error
 	for {
-		if _, err := os.Stat(s.exec.socket); err == nil {
+		if _, err := os.Stat(c.socket); err == nil {
 			actx, acancel := context.WithTimeout(ctx, 2*time.Second)
-			h, err := s.exec.health(actx)
+			h, err := c.health(actx)
 			acancel()
 			if err == nil && h.Status == "ok" {
 				return h, nil
@@ -315,16 +396,16 @@ func (a *Agent) waitHealthy(ctx context.Context, s *session, timeout time.Durati
 			}
 			last = err
 		} else {
-			last = fmt.Errorf("socket %s not there yet", s.exec.socket)
+			last = fmt.Errorf("socket %s not there yet", c.socket)
 		}
 		select {
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return executorapi.Health{}, fmt.Errorf("%w: executor of session %s not healthy after %s: %v", sandbox.ErrUnavailable, s.id, timeout, last)
+				return executorapi.Health{}, fmt.Errorf("%w: executor of %s not healthy after %s: %v", sandbox.ErrUnavailable, c.sessionID, timeout, last)
 			}
-			return executorapi.Health{}, fmt.Errorf("waiting for executor of session %s: %w", s.id, ctx.Err())
-		case <-s.exited:
-			return executorapi.Health{}, fmt.Errorf("container %s of session %s exited before its executor was healthy: %s", s.containerID, s.id, exitReason(s.exit))
+			return executorapi.Health{}, fmt.Errorf("waiting for executor of %s: %w", c.sessionID, ctx.Err())
+		case <-exited:
+			return executorapi.Health{}, errors.New(exitMsg())
 		case <-tick.C:
 		}
 	}

@@ -29,6 +29,7 @@ type Backend interface {
 	GetTemplate(ctx context.Context, id string) (*sandboxv1.Template, error)
 	ListTemplates(ctx context.Context) ([]*sandboxv1.Template, error)
 	DeleteTemplate(ctx context.Context, id string) error
+	UpdateTemplate(ctx context.Context, req *sandboxv1.UpdateTemplateRequest) (*sandboxv1.Template, error)
 }
 
 // handlers implements the generated service interfaces on a Backend.
@@ -149,4 +150,12 @@ func (h *handlers) DeleteTemplate(ctx context.Context, req *connect.Request[sand
 		return nil, h.fail(ctx, err)
 	}
 	return connect.NewResponse(&sandboxv1.DeleteTemplateResponse{}), nil
+}
+
+func (h *handlers) UpdateTemplate(ctx context.Context, req *connect.Request[sandboxv1.UpdateTemplateRequest]) (*connect.Response[sandboxv1.UpdateTemplateResponse], error) {
+	t, err := h.b.UpdateTemplate(ctx, req.Msg)
+	if err != nil {
+		return nil, h.fail(ctx, err)
+	}
+	return connect.NewResponse(&sandboxv1.UpdateTemplateResponse{Template: t}), nil
 }

@@ -35,6 +35,9 @@ func (s *Scheduler) leaderSetup(ctx context.Context) error {
 		return err
 	}
 	s.log.Info("leading", "server", s.cfg.Self.GetId(), "term", s.raft.Term())
+	s.mu.Lock()
+	clear(s.warmSent) // a new leader tells every agent its pools again
+	s.mu.Unlock()
 	s.reconcileAll(ctx)
 	return nil
 }

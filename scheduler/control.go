@@ -74,6 +74,9 @@ func (s *Scheduler) registerAgent(ctx context.Context, req *agentv1.RegisterAgen
 	s.mu.Lock()
 	s.agentSeen[a.GetId()] = time.Now()
 	s.mu.Unlock()
+	if !known || prev.GetBootId() != a.GetBootId() {
+		s.forgetWarmSent(a.GetId()) // a new or restarted agent holds no pools yet
+	}
 	if known && prev.GetBootId() != a.GetBootId() {
 		// A restarted agent re-adopted what still runs: compare it with the
 		// replicated state now, so sessions whose container is gone end LOST

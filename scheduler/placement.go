@@ -126,6 +126,13 @@ type placementState struct {
 	mu sync.Mutex
 	// inflight is what picks not yet committed hold, by agent id.
 	inflight map[string]*reservation
+	// taken counts the picks this server made of each agent's warm
+	// containers (by agent id and template) since takenView, the liveness
+	// snapshot whose warm counts they are subtracted from: a burst of
+	// placements spreads over the advertised pools instead of piling on
+	// the first, until the agents' next advertisements arrive.
+	taken     map[string]int32
+	takenView *liveness
 }
 
 type reservation struct {
@@ -196,12 +203,22 @@ func (s *Scheduler) refreshLiveness(now time.Time, members []membership.Member) 
 // handful of agents however many there are, and allocates nothing per
 // agent. A reservation is checked for fit; ranking uses committed usage.
 func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.Agent, release func(), err error) {
+	agent, release, _, err = s.placeWarm(l, templateID)
+	return agent, release, err
+}
+
+// placeWarm is place, also saying whether the agent was picked for a warm
+// container of the template.
+func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *statev1.Agent, release func(), warm bool, err error) {
 	view := s.liveView(time.Now())
 	ps := &s.placement
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	p := picker{l: l}
 	var bestID string
+	if ps.takenView != view {
+		ps.takenView, ps.taken = view, map[string]int32{}
+	}
 	consider := func(a *statev1.Agent, ld *fsm.AgentLoad, w int32) {
 		if ld.State != sandboxv1.NodeState_NODE_STATE_READY {
 			return
@@ -221,6 +238,9 @@ func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.A
 		bestID = a.GetId()
 	}
 	for id, w := range view.warm[templateID] {
+		if w -= ps.taken[id+"\x00"+templateID]; w <= 0 {
+			continue
+		}
 		s.fsm.WithAgentLoad(id, func(a *statev1.Agent, ld *fsm.AgentLoad) { consider(a, ld, w) })
 	}
 	if !p.found {
@@ -236,11 +256,14 @@ func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.A
 				alive++
 			}
 		})
-		return nil, nil, noRoom(alive, l)
+		return nil, nil, false, noRoom(alive, l)
 	}
 	agent, ok := s.fsm.Agent(bestID)
 	if !ok {
-		return nil, nil, fmt.Errorf("%w: agent %s vanished during placement", sandbox.ErrUnavailable, bestID)
+		return nil, nil, false, fmt.Errorf("%w: agent %s vanished during placement", sandbox.ErrUnavailable, bestID)
+	}
+	if p.best.warm > 0 {
+		ps.taken[bestID+"\x00"+templateID]++
 	}
 	if ps.inflight == nil {
 		ps.inflight = map[string]*reservation{}
@@ -264,7 +287,7 @@ func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.A
 				delete(ps.inflight, bestID)
 			}
 		})
-	}, nil
+	}, p.best.warm > 0, nil
 }
 
 // SessionSpec is what a new session carries besides its template and limits.

@@ -161,6 +161,9 @@ func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error 
 		if cur, ok := s.fsm.Session(sid); ok && sandbox.SessionState(cur.GetState()).Live() {
 			continue // created after the sessions were read
 		}
+		if s.isStarting(sid) {
+			continue // a warm start of this server's, not committed yet
+		}
 		s.log.Warn("stopping a container no live session owns", "agent", a.GetId(), "session", sid, "container", c.GetContainerId())
 		if _, err := client.StopSession(cctx, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: sid})); err != nil {
 			return fmt.Errorf("stop orphan container %s: %w", c.GetContainerId(), err)

@@ -32,6 +32,14 @@ type fakeAgent struct {
 	stopped  []string
 	executed []string
 	fences   []uint64
+	pools    [][]*agentv1.WarmPoolTarget
+}
+
+func (f *fakeAgent) SetWarmPools(_ context.Context, req *connect.Request[agentv1.SetWarmPoolsRequest]) (*connect.Response[agentv1.SetWarmPoolsResponse], error) {
+	f.mu.Lock()
+	f.pools = append(f.pools, req.Msg.GetPools())
+	f.mu.Unlock()
+	return connect.NewResponse(&agentv1.SetWarmPoolsResponse{}), nil
 }
 
 func (f *fakeAgent) ListContainers(_ context.Context, req *connect.Request[agentv1.ListContainersRequest]) (*connect.Response[agentv1.ListContainersResponse], error) {

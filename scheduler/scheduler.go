@@ -113,6 +113,8 @@ type Scheduler struct {
 	mu sync.Mutex
 	// heartbeats records when each running execution last showed life.
 	heartbeats map[string]time.Time
+	// warmSent is what this leader last told each agent about warm pools.
+	warmSent map[string]warmSent
 	// agentSeen records when each agent last registered with this server.
 	agentSeen map[string]time.Time
 
@@ -145,6 +147,7 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		agents:     newAgentPool(cfg.ClusterToken),
 		log:        cfg.Logger,
 		heartbeats: make(map[string]time.Time),
+		warmSent:   make(map[string]warmSent),
 		agentSeen:  make(map[string]time.Time),
 		proxies:    make(map[string]*httputil.ReverseProxy),
 		agentDown:  make(map[string]time.Time),
@@ -204,6 +207,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			}
 		}
 		s.housekeep(ctx, now)
+		s.syncWarmPools(ctx, now)
 		if now.Sub(lastReconcile) >= s.cfg.ReconcileInterval {
 			s.reconcileAll(ctx)
 			lastReconcile = now

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -63,10 +64,14 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 			return s.awaitSession(ctx, id)
 		}
 	}
-	placed, err := s.PlaceSession(ctx, tmpl, limits, SessionSpec{
+	spec := SessionSpec{
 		Env: req.GetEnv(), Labels: req.GetLabels(), IdleTimeout: idle, MaxLifetime: maxLife,
 		Tenant: tenant, IdempotencyKey: req.GetIdempotencyKey(),
-	})
+	}
+	if sess, done, err := s.createWarm(ctx, tmpl, limits, spec); done {
+		return sess, err
+	}
+	placed, err := s.PlaceSession(ctx, tmpl, limits, spec)
 	if err != nil {
 		return nil, err
 	}
@@ -81,6 +86,84 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 		return nil, err
 	}
 	return s.GetSession(ctx, sess.GetId())
+}
+
+// createWarm is CreateSession's fast path, taken when placement picks an
+// agent for a warm container of the template: the agent claims it first and
+// the session is committed once, RUNNING on that container, so a warm start
+// costs one Raft commit and no container creation. done is false when the
+// path does not apply or the agent could not start the session (the caller
+// then takes the ordinary path: commit STARTING, start, commit RUNNING).
+//
+// Should the commit not happen, the container the agent started has no
+// session: it is stopped here, or, if this leader dies first, by the next
+// leader's reconciliation (a container no live session owns). While the
+// start runs, reconciliation leaves it alone (isStarting).
+func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, limits sandbox.Limits, spec SessionSpec) (sess *sandboxv1.Session, done bool, err error) {
+	agent, release, warm, err := s.placeWarm(limits, tmpl.GetId())
+	if err != nil || !warm {
+		if release != nil {
+			release()
+		}
+		return nil, false, nil
+	}
+	defer release()
+	now := timestamppb.Now()
+	sess = &sandboxv1.Session{
+		Id:                 newID("ses"),
+		TemplateId:         tmpl.GetId(),
+		State:              sandboxv1.SessionState_SESSION_STATE_RUNNING,
+		AgentId:            agent.GetId(),
+		CreatedAt:          now,
+		LastActiveAt:       now,
+		ResourceLimits:     limitsToProto(limits),
+		Env:                spec.Env,
+		Labels:             spec.Labels,
+		IdleTimeoutSeconds: int32(spec.IdleTimeout / time.Second),
+		MaxLifetimeSeconds: int32(spec.MaxLifetime / time.Second),
+		Tenant:             spec.Tenant,
+	}
+	s.setStarting(sess.GetId(), true)
+	defer s.setStarting(sess.GetId(), false)
+	// Like the ordinary path, finish even if the client goes away.
+	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.StartTimeout)
+	defer cancel()
+	client := s.agents.get(agent.GetAddress())
+	stop := func(why string) {
+		if _, err := client.StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: sess.GetId()})); err != nil {
+			s.log.Warn("stopping a warm start that was not committed", "session", sess.GetId(), "agent", agent.GetId(), "why", why, "err", err)
+		}
+	}
+	start, err := client.StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
+		Fence:         s.fence(),
+		SessionId:     sess.GetId(),
+		TemplateId:    tmpl.GetId(),
+		Image:         tmpl.GetImage(),
+		Limits:        sess.GetResourceLimits(),
+		Env:           sess.GetEnv(),
+		CallbackToken: newToken(),
+	}))
+	if err != nil {
+		s.log.Warn("warm start failed; starting the session the ordinary way", "session", sess.GetId(), "agent", agent.GetId(), "err", err)
+		stop("its start failed")
+		return nil, false, nil
+	}
+	sess.ContainerId = start.Msg.GetContainerId()
+	resp, err := s.raft.Apply(bg, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: spec.IdempotencyKey})
+	switch ex, existing := resp.(fsm.Existing); {
+	case err == nil && existing:
+		stop("an earlier request with its idempotency key created a session")
+		out, err := s.awaitSession(ctx, ex.ID)
+		return out, true, err
+	case errors.Is(err, sandbox.ErrResourceExhausted):
+		stop("the agent's room was taken meanwhile")
+		return nil, false, nil
+	case err != nil:
+		stop("its commit failed")
+		return nil, true, err
+	}
+	out, err := s.GetSession(ctx, sess.GetId())
+	return out, true, err
 }
 
 // startOnAgent has the agent start a STARTING session's container and

@@ -30,8 +30,8 @@ func (s *Scheduler) CreateTemplate(ctx context.Context, t *sandboxv1.Template) (
 	if err := sandbox.ValidateTemplate(sandbox.Template{ID: t.GetId(), Image: t.GetImage(), Languages: t.GetLanguages()}); err != nil {
 		return nil, err
 	}
-	if t.GetWarmPoolSize() < 0 {
-		return nil, fmt.Errorf("%w: warm_pool_size must not be negative", sandbox.ErrInvalidArgument)
+	if err := validWarmPoolSize(t.GetWarmPoolSize()); err != nil {
+		return nil, fmt.Errorf("template %q: %w", t.GetId(), err)
 	}
 	if _, ok := s.fsm.Template(t.GetId()); ok {
 		return nil, fmt.Errorf("%w: template %q already exists", sandbox.ErrAlreadyExists, t.GetId())
@@ -69,4 +69,31 @@ func (s *Scheduler) DeleteTemplate(ctx context.Context, id string) error {
 		return err
 	}
 	return s.apply(ctx, fsm.DeleteTemplateType, &statev1.DeleteTemplate{TemplateId: id})
+}
+
+// MaxWarmPoolSize bounds a template's warm pool across the cluster.
+const MaxWarmPoolSize = 10000
+
+func validWarmPoolSize(n int32) error {
+	if n < 0 || n > MaxWarmPoolSize {
+		return fmt.Errorf("%w: warm_pool_size must be between 0 and %d, got %d", sandbox.ErrInvalidArgument, MaxWarmPoolSize, n)
+	}
+	return nil
+}
+
+// UpdateTemplate changes a template's warm pool size; unset fields keep
+// their value. Built-in templates may be changed too.
+func (s *Scheduler) UpdateTemplate(ctx context.Context, req *sandboxv1.UpdateTemplateRequest) (*sandboxv1.Template, error) {
+	if _, err := s.GetTemplate(ctx, req.GetTemplateId()); err != nil {
+		return nil, err
+	}
+	if req.WarmPoolSize != nil {
+		if err := validWarmPoolSize(req.GetWarmPoolSize()); err != nil {
+			return nil, fmt.Errorf("template %q: %w", req.GetTemplateId(), err)
+		}
+	}
+	if err := s.apply(ctx, fsm.UpdateTemplateType, &statev1.UpdateTemplate{TemplateId: req.GetTemplateId(), WarmPoolSize: req.WarmPoolSize}); err != nil {
+		return nil, err
+	}
+	return s.GetTemplate(ctx, req.GetTemplateId())
 }

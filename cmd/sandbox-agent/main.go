@@ -47,6 +47,7 @@ func run() error {
 		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7501", "gossip (memberlist) bind address; keep it stable across restarts so a restarted agent is recognised at once")
 		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of servers; empty: no gossip (servers then only see registrations)")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error (also passed to executors)")
+		warmConcurrency  = flag.Int("warm-concurrency", 2, "warm containers started at once when the warm pools refill")
 	)
 	flag.Parse()
 
@@ -93,6 +94,11 @@ func run() error {
 	cfg.CPUMillis = int32(*cpuMillis)
 	cfg.MemoryMiB = *memoryMiB
 	cfg.ExecutorLogLevel = *logLevel
+	if *warmConcurrency < 1 {
+		fmt.Fprintf(os.Stderr, "sandbox-agent: --warm-concurrency must be at least 1, got %d\n", *warmConcurrency)
+		os.Exit(2)
+	}
+	cfg.WarmConcurrency = *warmConcurrency
 	cfg.Logger = logger
 	cfg.Registry = reg
 	if *gossipJoin != "" {

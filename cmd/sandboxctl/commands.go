@@ -48,6 +48,7 @@ func commands() []*command {
 			{name: "list", summary: "list templates", run: (*app).cmdTemplatesList},
 			{name: "get", summary: "show one template", run: (*app).cmdTemplatesGet},
 			{name: "create", summary: "create a template", run: (*app).cmdTemplatesCreate},
+			{name: "update", summary: "change a template's warm pool size", run: (*app).cmdTemplatesUpdate},
 			{name: "rm", summary: "delete templates", run: (*app).cmdTemplatesRm},
 		}},
 		{name: "artifacts", summary: "list and download an execution's files", sub: []*command{

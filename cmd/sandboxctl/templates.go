@@ -125,3 +125,30 @@ func (a *app) cmdTemplatesRm(ctx context.Context, args []string) error {
 		return err
 	})
 }
+
+func (a *app) cmdTemplatesUpdate(ctx context.Context, args []string) error {
+	fs := a.newFlagSet("templates update")
+	warm := fs.Int("warm-pool", -1, "ready containers to keep across the cluster (0 keeps none)")
+	format := outputFlag(fs)
+	pos, err := a.parseLeaf(fs, args, "templates update ID --warm-pool N",
+		"Changes a template's warm pool size (built-in templates too) and shows the template.", 1, 1)
+	if err != nil {
+		return err
+	}
+	if *warm < 0 {
+		return usagef("templates update: --warm-pool N is required (N >= 0)")
+	}
+	c, err := a.clients()
+	if err != nil {
+		return err
+	}
+	size := int32(*warm)
+	resp, err := c.templates.UpdateTemplate(ctx, connect.NewRequest(&sandboxv1.UpdateTemplateRequest{TemplateId: pos[0], WarmPoolSize: &size}))
+	if err != nil {
+		return err
+	}
+	if *format == formatJSON {
+		return a.printJSON(resp.Msg.GetTemplate())
+	}
+	return a.printTemplate(resp.Msg.GetTemplate())
+}

@@ -436,6 +436,26 @@ func containersOf(t *testing.T, sessionID string) []string {
 	return ids
 }
 
+// warmContainers lists the containers warm pools hold unclaimed.
+func warmContainers(t *testing.T) []string {
+	t.Helper()
+	cl, err := containerd.New(testenv.ContainerdAddress())
+	must(t, err)
+	defer cl.Close()
+	ctx := namespaces.WithNamespace(context.Background(), "sandbox")
+	cs, err := cl.Containers(ctx, `labels."sandbox.warm"==true`)
+	must(t, err)
+	var ids []string
+	for _, c := range cs {
+		labels, err := c.Labels(ctx)
+		must(t, err)
+		if labels["sandbox.session"] == "" {
+			ids = append(ids, c.ID())
+		}
+	}
+	return ids
+}
+
 func metrics(t *testing.T, addr string) string {
 	t.Helper()
 	resp, err := http.Get("http://" + addr + "/metrics")

@@ -245,6 +245,65 @@ print("ok")`})
 		}
 	})
 
+	t.Run("a warm pool: sessions claim ready containers and the pool refills", func(t *testing.T) {
+		ctx := context.Background()
+		cl := sandboxv1connect.NewClusterServiceClient(api.NewH2CClient(), "http://"+c.apiAddr, api.WithBearer(apiKey))
+		ready := func() int32 {
+			resp, err := cl.ListNodes(ctx, connect.NewRequest(&sandboxv1.ListNodesRequest{}))
+			must(t, err)
+			var n int32
+			for _, node := range resp.Msg.GetNodes() {
+				for _, p := range node.GetWarmPools() {
+					if p.GetTemplateId() == "python-basic" {
+						n += p.GetReady()
+					}
+				}
+			}
+			return n
+		}
+		waitReady := func(want int32) {
+			t.Helper()
+			deadline := time.Now().Add(60 * time.Second)
+			for ready() != want {
+				if time.Now().After(deadline) {
+					t.Fatalf("ListNodes shows %d ready python-basic containers, want %d", ready(), want)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		if out, errOut, code := c.ctl("", "templates", "update", "python-basic", "--warm-pool", "2"); code != 0 || !strings.Contains(out, "Warm pool") {
+			t.Fatalf("templates update: %d %s %s", code, out, errOut)
+		}
+		t.Cleanup(func() { c.ctl("", "templates", "update", "python-basic", "--warm-pool", "0") })
+		waitReady(2)
+
+		s := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic", Env: map[string]string{"WHO": "warm"}})
+		if !strings.HasPrefix(s.GetContainerId(), "w-") {
+			t.Fatalf("session runs in %s, want a claimed warm container (w-...)", s.GetContainerId())
+		}
+		e := c.execute(&sandboxv1.ExecuteRequest{SessionId: s.GetId(), Language: "python", Code: "import os; print(6*7, os.environ['WHO'])"})
+		if e.GetStdout() != "42 warm\n" || e.GetExitCode() != 0 {
+			t.Fatalf("execution in a claimed container: %q %q exit %d", e.GetStdout(), e.GetStderr(), e.GetExitCode())
+		}
+		waitReady(2) // refilled behind the claim
+		c.terminate(s.GetId())
+		if ids := containersOf(t, s.GetId()); len(ids) != 0 {
+			t.Fatalf("containerd still holds %v: a claimed container is never reused", ids)
+		}
+
+		if _, _, code := c.ctl("", "templates", "update", "python-basic", "--warm-pool", "0"); code != 0 {
+			t.Fatal("templates update --warm-pool 0 failed")
+		}
+		waitReady(0)
+		deadline := time.Now().Add(30 * time.Second)
+		for len(warmContainers(t)) != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("warm containers left after the pool went to 0: %v", warmContainers(t))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+
 	t.Run("an executor that dies takes its session to FAILED", func(t *testing.T) {
 		s := c.createSession(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
 		killTask(t, s.GetContainerId())

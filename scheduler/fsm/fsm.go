@@ -126,6 +126,7 @@ const (
 	DeregisterServerType MessageType = 10
 	PurgeSessionsType    MessageType = 11
 	CreateTemplateType   MessageType = 12
+	UpdateTemplateType   MessageType = 13
 )
 
 // IgnoreUnknownTypeFlag marks a command type that a server which does not
@@ -145,6 +146,7 @@ var typeNames = map[MessageType]string{
 	DeregisterServerType: "DeregisterServer",
 	PurgeSessionsType:    "PurgeSessions",
 	CreateTemplateType:   "CreateTemplate",
+	UpdateTemplateType:   "UpdateTemplate",
 }
 
 func (t MessageType) String() string {
@@ -276,6 +278,8 @@ func (f *FSM) Apply(l *raft.Log) any {
 		msg = &statev1.PurgeSessions{}
 	case CreateTemplateType:
 		msg = &statev1.CreateTemplate{}
+	case UpdateTemplateType:
+		msg = &statev1.UpdateTemplate{}
 	default:
 		if ignorable {
 			f.logger.Warn("ignoring unknown command type", "type", uint8(t), "index", l.Index)
@@ -294,6 +298,8 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return f.putTemplate(m)
 	case *statev1.CreateTemplate:
 		return f.createTemplate(m)
+	case *statev1.UpdateTemplate:
+		return f.updateTemplate(m)
 	case *statev1.DeleteTemplate:
 		return f.deleteTemplate(m)
 	case *statev1.CreateSession:
@@ -337,6 +343,22 @@ func (f *FSM) createTemplate(m *statev1.CreateTemplate) any {
 	}
 	if _, ok := f.templates[t.GetId()]; ok {
 		return fmt.Errorf("%w: template %q already exists", sandbox.ErrAlreadyExists, t.GetId())
+	}
+	f.templates[t.GetId()] = t
+	return nil
+}
+
+func (f *FSM) updateTemplate(m *statev1.UpdateTemplate) any {
+	cur, ok := f.templates[m.GetTemplateId()]
+	if !ok {
+		return fmt.Errorf("%w: template %q", sandbox.ErrNotFound, m.GetTemplateId())
+	}
+	if m.WarmPoolSize != nil && m.GetWarmPoolSize() < 0 {
+		return fmt.Errorf("%w: template %q: warm_pool_size must not be negative", sandbox.ErrInvalidArgument, cur.GetId())
+	}
+	t := proto.CloneOf(cur)
+	if m.WarmPoolSize != nil {
+		t.WarmPoolSize = m.GetWarmPoolSize()
 	}
 	f.templates[t.GetId()] = t
 	return nil

@@ -545,8 +545,8 @@ func TestUnknownType(t *testing.T) {
 		{"ignorable unknown type", append([]byte{byte(IgnoreUnknownTypeFlag | 100)}, payload...), false},
 		{"ignorable unknown type without payload", []byte{byte(IgnoreUnknownTypeFlag | 100)}, false},
 		{"unknown type", append([]byte{100}, payload...), true},
-		{"ignorable next type", append([]byte{byte(IgnoreUnknownTypeFlag | (CreateTemplateType + 1))}, payload...), false},
-		{"next type", append([]byte{byte(CreateTemplateType + 1)}, payload...), true},
+		{"ignorable next type", append([]byte{byte(IgnoreUnknownTypeFlag | (UpdateTemplateType + 1))}, payload...), false},
+		{"next type", append([]byte{byte(UpdateTemplateType + 1)}, payload...), true},
 		{"empty command", nil, true},
 		{"undecodable payload", []byte{byte(RegisterAgentType), 0xff, 0xff, 0xff}, true},
 	}
@@ -963,5 +963,36 @@ func TestCreateTemplateRefusesExisting(t *testing.T) {
 	}
 	if got, _ := f.Template("t1"); got.GetImage() != "second" {
 		t.Fatalf("put did not upsert: %v", got)
+	}
+}
+
+func TestUpdateTemplate(t *testing.T) {
+	f := seeded(t)
+	mustApply(t, f, putTemplate("custom", false))
+	size := int32(7)
+	mustApply(t, f, cmd{UpdateTemplateType, &statev1.UpdateTemplate{TemplateId: "custom", WarmPoolSize: &size}})
+	if tp, _ := f.Template("custom"); tp.GetWarmPoolSize() != 7 || tp.GetImage() == "" {
+		t.Fatalf("after update: %v", tp)
+	}
+	// Unset fields keep their value.
+	mustApply(t, f, cmd{UpdateTemplateType, &statev1.UpdateTemplate{TemplateId: "custom"}})
+	if tp, _ := f.Template("custom"); tp.GetWarmPoolSize() != 7 {
+		t.Fatalf("an empty update changed warm_pool_size: %v", tp)
+	}
+	neg := int32(-1)
+	for name, c := range map[string]struct {
+		m    *statev1.UpdateTemplate
+		want error
+	}{
+		"unknown template": {&statev1.UpdateTemplate{TemplateId: "nope", WarmPoolSize: &size}, sandbox.ErrNotFound},
+		"negative size":    {&statev1.UpdateTemplate{TemplateId: "custom", WarmPoolSize: &neg}, sandbox.ErrInvalidArgument},
+	} {
+		before := f.State()
+		if err, _ := apply(t, f, cmd{UpdateTemplateType, c.m}).(error); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", name, err, c.want)
+		}
+		if !proto.Equal(before, f.State()) {
+			t.Errorf("%s: a refused update changed the state", name)
+		}
 	}
 }

@@ -357,6 +357,103 @@ func (*DeleteTemplateResponse) Descriptor() ([]byte, []int) {
 	return file_sandbox_v1_template_proto_rawDescGZIP(), []int{7}
 }
 
+type UpdateTemplateRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	TemplateId string                 `protobuf:"bytes,1,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
+	// Ready containers to keep across the cluster, 0 to keep none.
+	WarmPoolSize  *int32 `protobuf:"varint,2,opt,name=warm_pool_size,json=warmPoolSize,proto3,oneof" json:"warm_pool_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateTemplateRequest) Reset() {
+	*x = UpdateTemplateRequest{}
+	mi := &file_sandbox_v1_template_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateTemplateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateTemplateRequest) ProtoMessage() {}
+
+func (x *UpdateTemplateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_v1_template_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateTemplateRequest.ProtoReflect.Descriptor instead.
+func (*UpdateTemplateRequest) Descriptor() ([]byte, []int) {
+	return file_sandbox_v1_template_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *UpdateTemplateRequest) GetTemplateId() string {
+	if x != nil {
+		return x.TemplateId
+	}
+	return ""
+}
+
+func (x *UpdateTemplateRequest) GetWarmPoolSize() int32 {
+	if x != nil && x.WarmPoolSize != nil {
+		return *x.WarmPoolSize
+	}
+	return 0
+}
+
+type UpdateTemplateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Template      *Template              `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateTemplateResponse) Reset() {
+	*x = UpdateTemplateResponse{}
+	mi := &file_sandbox_v1_template_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateTemplateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateTemplateResponse) ProtoMessage() {}
+
+func (x *UpdateTemplateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_v1_template_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateTemplateResponse.ProtoReflect.Descriptor instead.
+func (*UpdateTemplateResponse) Descriptor() ([]byte, []int) {
+	return file_sandbox_v1_template_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *UpdateTemplateResponse) GetTemplate() *Template {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
 var File_sandbox_v1_template_proto protoreflect.FileDescriptor
 
 const file_sandbox_v1_template_proto_rawDesc = "" +
@@ -378,12 +475,20 @@ const file_sandbox_v1_template_proto_rawDesc = "" +
 	"\x15DeleteTemplateRequest\x12\x1f\n" +
 	"\vtemplate_id\x18\x01 \x01(\tR\n" +
 	"templateId\"\x18\n" +
-	"\x16DeleteTemplateResponse2\xf3\x02\n" +
+	"\x16DeleteTemplateResponse\"v\n" +
+	"\x15UpdateTemplateRequest\x12\x1f\n" +
+	"\vtemplate_id\x18\x01 \x01(\tR\n" +
+	"templateId\x12)\n" +
+	"\x0ewarm_pool_size\x18\x02 \x01(\x05H\x00R\fwarmPoolSize\x88\x01\x01B\x11\n" +
+	"\x0f_warm_pool_size\"J\n" +
+	"\x16UpdateTemplateResponse\x120\n" +
+	"\btemplate\x18\x01 \x01(\v2\x14.sandbox.v1.TemplateR\btemplate2\xcc\x03\n" +
 	"\x0fTemplateService\x12W\n" +
 	"\x0eCreateTemplate\x12!.sandbox.v1.CreateTemplateRequest\x1a\".sandbox.v1.CreateTemplateResponse\x12S\n" +
 	"\vGetTemplate\x12\x1e.sandbox.v1.GetTemplateRequest\x1a\x1f.sandbox.v1.GetTemplateResponse\"\x03\x90\x02\x01\x12Y\n" +
 	"\rListTemplates\x12 .sandbox.v1.ListTemplatesRequest\x1a!.sandbox.v1.ListTemplatesResponse\"\x03\x90\x02\x01\x12W\n" +
-	"\x0eDeleteTemplate\x12!.sandbox.v1.DeleteTemplateRequest\x1a\".sandbox.v1.DeleteTemplateResponseB;Z9github.com/sandboxhq/sandbox/api/gen/sandbox/v1;sandboxv1b\x06proto3"
+	"\x0eDeleteTemplate\x12!.sandbox.v1.DeleteTemplateRequest\x1a\".sandbox.v1.DeleteTemplateResponse\x12W\n" +
+	"\x0eUpdateTemplate\x12!.sandbox.v1.UpdateTemplateRequest\x1a\".sandbox.v1.UpdateTemplateResponseB;Z9github.com/sandboxhq/sandbox/api/gen/sandbox/v1;sandboxv1b\x06proto3"
 
 var (
 	file_sandbox_v1_template_proto_rawDescOnce sync.Once
@@ -397,7 +502,7 @@ func file_sandbox_v1_template_proto_rawDescGZIP() []byte {
 	return file_sandbox_v1_template_proto_rawDescData
 }
 
-var file_sandbox_v1_template_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_sandbox_v1_template_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_sandbox_v1_template_proto_goTypes = []any{
 	(*CreateTemplateRequest)(nil),  // 0: sandbox.v1.CreateTemplateRequest
 	(*CreateTemplateResponse)(nil), // 1: sandbox.v1.CreateTemplateResponse
@@ -407,26 +512,31 @@ var file_sandbox_v1_template_proto_goTypes = []any{
 	(*ListTemplatesResponse)(nil),  // 5: sandbox.v1.ListTemplatesResponse
 	(*DeleteTemplateRequest)(nil),  // 6: sandbox.v1.DeleteTemplateRequest
 	(*DeleteTemplateResponse)(nil), // 7: sandbox.v1.DeleteTemplateResponse
-	(*Template)(nil),               // 8: sandbox.v1.Template
+	(*UpdateTemplateRequest)(nil),  // 8: sandbox.v1.UpdateTemplateRequest
+	(*UpdateTemplateResponse)(nil), // 9: sandbox.v1.UpdateTemplateResponse
+	(*Template)(nil),               // 10: sandbox.v1.Template
 }
 var file_sandbox_v1_template_proto_depIdxs = []int32{
-	8, // 0: sandbox.v1.CreateTemplateRequest.template:type_name -> sandbox.v1.Template
-	8, // 1: sandbox.v1.CreateTemplateResponse.template:type_name -> sandbox.v1.Template
-	8, // 2: sandbox.v1.GetTemplateResponse.template:type_name -> sandbox.v1.Template
-	8, // 3: sandbox.v1.ListTemplatesResponse.templates:type_name -> sandbox.v1.Template
-	0, // 4: sandbox.v1.TemplateService.CreateTemplate:input_type -> sandbox.v1.CreateTemplateRequest
-	2, // 5: sandbox.v1.TemplateService.GetTemplate:input_type -> sandbox.v1.GetTemplateRequest
-	4, // 6: sandbox.v1.TemplateService.ListTemplates:input_type -> sandbox.v1.ListTemplatesRequest
-	6, // 7: sandbox.v1.TemplateService.DeleteTemplate:input_type -> sandbox.v1.DeleteTemplateRequest
-	1, // 8: sandbox.v1.TemplateService.CreateTemplate:output_type -> sandbox.v1.CreateTemplateResponse
-	3, // 9: sandbox.v1.TemplateService.GetTemplate:output_type -> sandbox.v1.GetTemplateResponse
-	5, // 10: sandbox.v1.TemplateService.ListTemplates:output_type -> sandbox.v1.ListTemplatesResponse
-	7, // 11: sandbox.v1.TemplateService.DeleteTemplate:output_type -> sandbox.v1.DeleteTemplateResponse
-	8, // [8:12] is the sub-list for method output_type
-	4, // [4:8] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	10, // 0: sandbox.v1.CreateTemplateRequest.template:type_name -> sandbox.v1.Template
+	10, // 1: sandbox.v1.CreateTemplateResponse.template:type_name -> sandbox.v1.Template
+	10, // 2: sandbox.v1.GetTemplateResponse.template:type_name -> sandbox.v1.Template
+	10, // 3: sandbox.v1.ListTemplatesResponse.templates:type_name -> sandbox.v1.Template
+	10, // 4: sandbox.v1.UpdateTemplateResponse.template:type_name -> sandbox.v1.Template
+	0,  // 5: sandbox.v1.TemplateService.CreateTemplate:input_type -> sandbox.v1.CreateTemplateRequest
+	2,  // 6: sandbox.v1.TemplateService.GetTemplate:input_type -> sandbox.v1.GetTemplateRequest
+	4,  // 7: sandbox.v1.TemplateService.ListTemplates:input_type -> sandbox.v1.ListTemplatesRequest
+	6,  // 8: sandbox.v1.TemplateService.DeleteTemplate:input_type -> sandbox.v1.DeleteTemplateRequest
+	8,  // 9: sandbox.v1.TemplateService.UpdateTemplate:input_type -> sandbox.v1.UpdateTemplateRequest
+	1,  // 10: sandbox.v1.TemplateService.CreateTemplate:output_type -> sandbox.v1.CreateTemplateResponse
+	3,  // 11: sandbox.v1.TemplateService.GetTemplate:output_type -> sandbox.v1.GetTemplateResponse
+	5,  // 12: sandbox.v1.TemplateService.ListTemplates:output_type -> sandbox.v1.ListTemplatesResponse
+	7,  // 13: sandbox.v1.TemplateService.DeleteTemplate:output_type -> sandbox.v1.DeleteTemplateResponse
+	9,  // 14: sandbox.v1.TemplateService.UpdateTemplate:output_type -> sandbox.v1.UpdateTemplateResponse
+	10, // [10:15] is the sub-list for method output_type
+	5,  // [5:10] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_sandbox_v1_template_proto_init() }
@@ -435,13 +545,14 @@ func file_sandbox_v1_template_proto_init() {
 		return
 	}
 	file_sandbox_v1_types_proto_init()
+	file_sandbox_v1_template_proto_msgTypes[8].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_v1_template_proto_rawDesc), len(file_sandbox_v1_template_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

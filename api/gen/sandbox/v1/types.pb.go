@@ -646,7 +646,8 @@ type Template struct {
 	Languages     []string        `protobuf:"bytes,3,rep,name=languages,proto3" json:"languages,omitempty"`
 	DefaultLimits *ResourceLimits `protobuf:"bytes,4,opt,name=default_limits,json=defaultLimits,proto3" json:"default_limits,omitempty"`
 	MaxLimits     *ResourceLimits `protobuf:"bytes,5,opt,name=max_limits,json=maxLimits,proto3" json:"max_limits,omitempty"`
-	// Ready containers to keep across the cluster (used from the warm-pools work on).
+	// Ready containers (executor up and healthy, no session yet) to keep across
+	// the cluster; the leader spreads them over the agents by capacity.
 	WarmPoolSize int32  `protobuf:"varint,6,opt,name=warm_pool_size,json=warmPoolSize,proto3" json:"warm_pool_size,omitempty"`
 	Description  string `protobuf:"bytes,7,opt,name=description,proto3" json:"description,omitempty"`
 	// Built-in templates are created at bootstrap and cannot be deleted.

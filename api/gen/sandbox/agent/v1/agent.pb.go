@@ -124,7 +124,7 @@ func (x NodeMeta_Role) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use NodeMeta_Role.Descriptor instead.
 func (NodeMeta_Role) EnumDescriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{18, 0}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{21, 0}
 }
 
 // Fence orders commands from servers: the Raft term and log index the leader
@@ -893,6 +893,166 @@ func (x *ListContainersResponse) GetContainers() []*Container {
 	return nil
 }
 
+// WarmPoolTarget is one template's pool on one agent. A warm container is
+// created with the template's default limits; a claim applies the session's
+// cpu, memory and pids, while its disk (the workspace size) is fixed at
+// creation, so only sessions with that disk limit claim it.
+type WarmPoolTarget struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TemplateId    string                 `protobuf:"bytes,1,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
+	Image         string                 `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
+	Limits        *v1.ResourceLimits     `protobuf:"bytes,3,opt,name=limits,proto3" json:"limits,omitempty"`
+	Size          int32                  `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WarmPoolTarget) Reset() {
+	*x = WarmPoolTarget{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmPoolTarget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmPoolTarget) ProtoMessage() {}
+
+func (x *WarmPoolTarget) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmPoolTarget.ProtoReflect.Descriptor instead.
+func (*WarmPoolTarget) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *WarmPoolTarget) GetTemplateId() string {
+	if x != nil {
+		return x.TemplateId
+	}
+	return ""
+}
+
+func (x *WarmPoolTarget) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *WarmPoolTarget) GetLimits() *v1.ResourceLimits {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
+func (x *WarmPoolTarget) GetSize() int32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+type SetWarmPoolsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Fence         *Fence                 `protobuf:"bytes,1,opt,name=fence,proto3" json:"fence,omitempty"`
+	Pools         []*WarmPoolTarget      `protobuf:"bytes,2,rep,name=pools,proto3" json:"pools,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetWarmPoolsRequest) Reset() {
+	*x = SetWarmPoolsRequest{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetWarmPoolsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetWarmPoolsRequest) ProtoMessage() {}
+
+func (x *SetWarmPoolsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetWarmPoolsRequest.ProtoReflect.Descriptor instead.
+func (*SetWarmPoolsRequest) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *SetWarmPoolsRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
+}
+
+func (x *SetWarmPoolsRequest) GetPools() []*WarmPoolTarget {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+type SetWarmPoolsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetWarmPoolsResponse) Reset() {
+	*x = SetWarmPoolsResponse{}
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetWarmPoolsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetWarmPoolsResponse) ProtoMessage() {}
+
+func (x *SetWarmPoolsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetWarmPoolsResponse.ProtoReflect.Descriptor instead.
+func (*SetWarmPoolsResponse) Descriptor() ([]byte, []int) {
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
 type GetServerInfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -901,7 +1061,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -913,7 +1073,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -926,7 +1086,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 type GetServerInfoResponse struct {
@@ -940,7 +1100,7 @@ type GetServerInfoResponse struct {
 
 func (x *GetServerInfoResponse) Reset() {
 	*x = GetServerInfoResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1112,7 @@ func (x *GetServerInfoResponse) String() string {
 func (*GetServerInfoResponse) ProtoMessage() {}
 
 func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1125,7 @@ func (x *GetServerInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetServerInfoResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetServerInfoResponse) GetServer() *v1.Server {
@@ -991,7 +1151,7 @@ type AddServerRequest struct {
 
 func (x *AddServerRequest) Reset() {
 	*x = AddServerRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1163,7 @@ func (x *AddServerRequest) String() string {
 func (*AddServerRequest) ProtoMessage() {}
 
 func (x *AddServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1176,7 @@ func (x *AddServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddServerRequest.ProtoReflect.Descriptor instead.
 func (*AddServerRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AddServerRequest) GetServer() *v1.Server {
@@ -1034,7 +1194,7 @@ type AddServerResponse struct {
 
 func (x *AddServerResponse) Reset() {
 	*x = AddServerResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1046,7 +1206,7 @@ func (x *AddServerResponse) String() string {
 func (*AddServerResponse) ProtoMessage() {}
 
 func (x *AddServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1059,7 +1219,7 @@ func (x *AddServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddServerResponse.ProtoReflect.Descriptor instead.
 func (*AddServerResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 // NodeMeta is what each member of the gossip mesh advertises about itself
@@ -1087,7 +1247,7 @@ type NodeMeta struct {
 
 func (x *NodeMeta) Reset() {
 	*x = NodeMeta{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1099,7 +1259,7 @@ func (x *NodeMeta) String() string {
 func (*NodeMeta) ProtoMessage() {}
 
 func (x *NodeMeta) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1112,7 +1272,7 @@ func (x *NodeMeta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeMeta.ProtoReflect.Descriptor instead.
 func (*NodeMeta) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *NodeMeta) GetRole() NodeMeta_Role {
@@ -1207,7 +1367,7 @@ type RegisterAgentRequest struct {
 
 func (x *RegisterAgentRequest) Reset() {
 	*x = RegisterAgentRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1219,7 +1379,7 @@ func (x *RegisterAgentRequest) String() string {
 func (*RegisterAgentRequest) ProtoMessage() {}
 
 func (x *RegisterAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1232,7 +1392,7 @@ func (x *RegisterAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgentRequest.ProtoReflect.Descriptor instead.
 func (*RegisterAgentRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RegisterAgentRequest) GetAgentId() string {
@@ -1278,7 +1438,7 @@ type RegisterAgentResponse struct {
 
 func (x *RegisterAgentResponse) Reset() {
 	*x = RegisterAgentResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1290,7 +1450,7 @@ func (x *RegisterAgentResponse) String() string {
 func (*RegisterAgentResponse) ProtoMessage() {}
 
 func (x *RegisterAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1303,7 +1463,7 @@ func (x *RegisterAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgentResponse.ProtoReflect.Descriptor instead.
 func (*RegisterAgentResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 type ReportExecutionRequest struct {
@@ -1327,7 +1487,7 @@ type ReportExecutionRequest struct {
 
 func (x *ReportExecutionRequest) Reset() {
 	*x = ReportExecutionRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1339,7 +1499,7 @@ func (x *ReportExecutionRequest) String() string {
 func (*ReportExecutionRequest) ProtoMessage() {}
 
 func (x *ReportExecutionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1352,7 +1512,7 @@ func (x *ReportExecutionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportExecutionRequest.ProtoReflect.Descriptor instead.
 func (*ReportExecutionRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReportExecutionRequest) GetAgentId() string {
@@ -1454,7 +1614,7 @@ type ReportExecutionResponse struct {
 
 func (x *ReportExecutionResponse) Reset() {
 	*x = ReportExecutionResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1466,7 +1626,7 @@ func (x *ReportExecutionResponse) String() string {
 func (*ReportExecutionResponse) ProtoMessage() {}
 
 func (x *ReportExecutionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1479,7 +1639,7 @@ func (x *ReportExecutionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportExecutionResponse.ProtoReflect.Descriptor instead.
 func (*ReportExecutionResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 type ReportSessionExitRequest struct {
@@ -1493,7 +1653,7 @@ type ReportSessionExitRequest struct {
 
 func (x *ReportSessionExitRequest) Reset() {
 	*x = ReportSessionExitRequest{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1505,7 +1665,7 @@ func (x *ReportSessionExitRequest) String() string {
 func (*ReportSessionExitRequest) ProtoMessage() {}
 
 func (x *ReportSessionExitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1678,7 @@ func (x *ReportSessionExitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportSessionExitRequest.ProtoReflect.Descriptor instead.
 func (*ReportSessionExitRequest) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReportSessionExitRequest) GetAgentId() string {
@@ -1550,7 +1710,7 @@ type ReportSessionExitResponse struct {
 
 func (x *ReportSessionExitResponse) Reset() {
 	*x = ReportSessionExitResponse{}
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1562,7 +1722,7 @@ func (x *ReportSessionExitResponse) String() string {
 func (*ReportSessionExitResponse) ProtoMessage() {}
 
 func (x *ReportSessionExitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_sandbox_agent_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1575,7 +1735,7 @@ func (x *ReportSessionExitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportSessionExitResponse.ProtoReflect.Descriptor instead.
 func (*ReportSessionExitResponse) Descriptor() ([]byte, []int) {
-	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_sandbox_agent_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 var File_sandbox_agent_v1_agent_proto protoreflect.FileDescriptor
@@ -1642,7 +1802,17 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\x16ListContainersResponse\x12;\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x1b.sandbox.agent.v1.ContainerR\n" +
-	"containers\"\x16\n" +
+	"containers\"\x8f\x01\n" +
+	"\x0eWarmPoolTarget\x12\x1f\n" +
+	"\vtemplate_id\x18\x01 \x01(\tR\n" +
+	"templateId\x12\x14\n" +
+	"\x05image\x18\x02 \x01(\tR\x05image\x122\n" +
+	"\x06limits\x18\x03 \x01(\v2\x1a.sandbox.v1.ResourceLimitsR\x06limits\x12\x12\n" +
+	"\x04size\x18\x04 \x01(\x05R\x04size\"|\n" +
+	"\x13SetWarmPoolsRequest\x12-\n" +
+	"\x05fence\x18\x01 \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\x126\n" +
+	"\x05pools\x18\x02 \x03(\v2 .sandbox.agent.v1.WarmPoolTargetR\x05pools\"\x16\n" +
+	"\x14SetWarmPoolsResponse\"\x16\n" +
 	"\x14GetServerInfoRequest\"`\n" +
 	"\x15GetServerInfoResponse\x12*\n" +
 	"\x06server\x18\x01 \x01(\v2\x12.sandbox.v1.ServerR\x06server\x12\x1b\n" +
@@ -1712,14 +1882,15 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\x17REPORT_KIND_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12REPORT_KIND_STATUS\x10\x01\x12\x19\n" +
 	"\x15REPORT_KIND_HEARTBEAT\x10\x02\x12\x16\n" +
-	"\x12REPORT_KIND_RESULT\x10\x032\xd3\x04\n" +
+	"\x12REPORT_KIND_RESULT\x10\x032\xb2\x05\n" +
 	"\fAgentService\x12]\n" +
 	"\fStartSession\x12%.sandbox.agent.v1.StartSessionRequest\x1a&.sandbox.agent.v1.StartSessionResponse\x12Z\n" +
 	"\vStopSession\x12$.sandbox.agent.v1.StopSessionRequest\x1a%.sandbox.agent.v1.StopSessionResponse\x12N\n" +
 	"\aExecute\x12 .sandbox.agent.v1.ExecuteRequest\x1a!.sandbox.agent.v1.ExecuteResponse\x12f\n" +
 	"\x0fCancelExecution\x12(.sandbox.agent.v1.CancelExecutionRequest\x1a).sandbox.agent.v1.CancelExecutionResponse\x12k\n" +
 	"\x10DownloadArtifact\x12).sandbox.agent.v1.DownloadArtifactRequest\x1a*.sandbox.agent.v1.DownloadArtifactResponse0\x01\x12c\n" +
-	"\x0eListContainers\x12'.sandbox.agent.v1.ListContainersRequest\x1a(.sandbox.agent.v1.ListContainersResponse2\x85\x04\n" +
+	"\x0eListContainers\x12'.sandbox.agent.v1.ListContainersRequest\x1a(.sandbox.agent.v1.ListContainersResponse\x12]\n" +
+	"\fSetWarmPools\x12%.sandbox.agent.v1.SetWarmPoolsRequest\x1a&.sandbox.agent.v1.SetWarmPoolsResponse2\x85\x04\n" +
 	"\x13ControlPlaneService\x12`\n" +
 	"\rRegisterAgent\x12&.sandbox.agent.v1.RegisterAgentRequest\x1a'.sandbox.agent.v1.RegisterAgentResponse\x12f\n" +
 	"\x0fReportExecution\x12(.sandbox.agent.v1.ReportExecutionRequest\x1a).sandbox.agent.v1.ReportExecutionResponse\x12l\n" +
@@ -1740,7 +1911,7 @@ func file_sandbox_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_sandbox_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_sandbox_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_sandbox_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_sandbox_agent_v1_agent_proto_goTypes = []any{
 	(ReportKind)(0),                   // 0: sandbox.agent.v1.ReportKind
 	(NodeMeta_Role)(0),                // 1: sandbox.agent.v1.NodeMeta.Role
@@ -1758,70 +1929,78 @@ var file_sandbox_agent_v1_agent_proto_goTypes = []any{
 	(*ListContainersRequest)(nil),     // 13: sandbox.agent.v1.ListContainersRequest
 	(*Container)(nil),                 // 14: sandbox.agent.v1.Container
 	(*ListContainersResponse)(nil),    // 15: sandbox.agent.v1.ListContainersResponse
-	(*GetServerInfoRequest)(nil),      // 16: sandbox.agent.v1.GetServerInfoRequest
-	(*GetServerInfoResponse)(nil),     // 17: sandbox.agent.v1.GetServerInfoResponse
-	(*AddServerRequest)(nil),          // 18: sandbox.agent.v1.AddServerRequest
-	(*AddServerResponse)(nil),         // 19: sandbox.agent.v1.AddServerResponse
-	(*NodeMeta)(nil),                  // 20: sandbox.agent.v1.NodeMeta
-	(*RegisterAgentRequest)(nil),      // 21: sandbox.agent.v1.RegisterAgentRequest
-	(*RegisterAgentResponse)(nil),     // 22: sandbox.agent.v1.RegisterAgentResponse
-	(*ReportExecutionRequest)(nil),    // 23: sandbox.agent.v1.ReportExecutionRequest
-	(*ReportExecutionResponse)(nil),   // 24: sandbox.agent.v1.ReportExecutionResponse
-	(*ReportSessionExitRequest)(nil),  // 25: sandbox.agent.v1.ReportSessionExitRequest
-	(*ReportSessionExitResponse)(nil), // 26: sandbox.agent.v1.ReportSessionExitResponse
-	nil,                               // 27: sandbox.agent.v1.StartSessionRequest.EnvEntry
-	nil,                               // 28: sandbox.agent.v1.ExecuteRequest.EnvEntry
-	nil,                               // 29: sandbox.agent.v1.NodeMeta.WarmEntry
-	(*v1.ResourceLimits)(nil),         // 30: sandbox.v1.ResourceLimits
-	(*v1.Artifact)(nil),               // 31: sandbox.v1.Artifact
-	(*v1.Server)(nil),                 // 32: sandbox.v1.Server
-	(v1.ExecutionState)(0),            // 33: sandbox.v1.ExecutionState
+	(*WarmPoolTarget)(nil),            // 16: sandbox.agent.v1.WarmPoolTarget
+	(*SetWarmPoolsRequest)(nil),       // 17: sandbox.agent.v1.SetWarmPoolsRequest
+	(*SetWarmPoolsResponse)(nil),      // 18: sandbox.agent.v1.SetWarmPoolsResponse
+	(*GetServerInfoRequest)(nil),      // 19: sandbox.agent.v1.GetServerInfoRequest
+	(*GetServerInfoResponse)(nil),     // 20: sandbox.agent.v1.GetServerInfoResponse
+	(*AddServerRequest)(nil),          // 21: sandbox.agent.v1.AddServerRequest
+	(*AddServerResponse)(nil),         // 22: sandbox.agent.v1.AddServerResponse
+	(*NodeMeta)(nil),                  // 23: sandbox.agent.v1.NodeMeta
+	(*RegisterAgentRequest)(nil),      // 24: sandbox.agent.v1.RegisterAgentRequest
+	(*RegisterAgentResponse)(nil),     // 25: sandbox.agent.v1.RegisterAgentResponse
+	(*ReportExecutionRequest)(nil),    // 26: sandbox.agent.v1.ReportExecutionRequest
+	(*ReportExecutionResponse)(nil),   // 27: sandbox.agent.v1.ReportExecutionResponse
+	(*ReportSessionExitRequest)(nil),  // 28: sandbox.agent.v1.ReportSessionExitRequest
+	(*ReportSessionExitResponse)(nil), // 29: sandbox.agent.v1.ReportSessionExitResponse
+	nil,                               // 30: sandbox.agent.v1.StartSessionRequest.EnvEntry
+	nil,                               // 31: sandbox.agent.v1.ExecuteRequest.EnvEntry
+	nil,                               // 32: sandbox.agent.v1.NodeMeta.WarmEntry
+	(*v1.ResourceLimits)(nil),         // 33: sandbox.v1.ResourceLimits
+	(*v1.Artifact)(nil),               // 34: sandbox.v1.Artifact
+	(*v1.Server)(nil),                 // 35: sandbox.v1.Server
+	(v1.ExecutionState)(0),            // 36: sandbox.v1.ExecutionState
 }
 var file_sandbox_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: sandbox.agent.v1.StartSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
-	30, // 1: sandbox.agent.v1.StartSessionRequest.limits:type_name -> sandbox.v1.ResourceLimits
-	27, // 2: sandbox.agent.v1.StartSessionRequest.env:type_name -> sandbox.agent.v1.StartSessionRequest.EnvEntry
+	33, // 1: sandbox.agent.v1.StartSessionRequest.limits:type_name -> sandbox.v1.ResourceLimits
+	30, // 2: sandbox.agent.v1.StartSessionRequest.env:type_name -> sandbox.agent.v1.StartSessionRequest.EnvEntry
 	2,  // 3: sandbox.agent.v1.StopSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
 	2,  // 4: sandbox.agent.v1.ExecuteRequest.fence:type_name -> sandbox.agent.v1.Fence
-	28, // 5: sandbox.agent.v1.ExecuteRequest.env:type_name -> sandbox.agent.v1.ExecuteRequest.EnvEntry
+	31, // 5: sandbox.agent.v1.ExecuteRequest.env:type_name -> sandbox.agent.v1.ExecuteRequest.EnvEntry
 	2,  // 6: sandbox.agent.v1.CancelExecutionRequest.fence:type_name -> sandbox.agent.v1.Fence
-	31, // 7: sandbox.agent.v1.DownloadArtifactResponse.artifact:type_name -> sandbox.v1.Artifact
+	34, // 7: sandbox.agent.v1.DownloadArtifactResponse.artifact:type_name -> sandbox.v1.Artifact
 	2,  // 8: sandbox.agent.v1.ListContainersRequest.fence:type_name -> sandbox.agent.v1.Fence
 	14, // 9: sandbox.agent.v1.ListContainersResponse.containers:type_name -> sandbox.agent.v1.Container
-	32, // 10: sandbox.agent.v1.GetServerInfoResponse.server:type_name -> sandbox.v1.Server
-	32, // 11: sandbox.agent.v1.AddServerRequest.server:type_name -> sandbox.v1.Server
-	1,  // 12: sandbox.agent.v1.NodeMeta.role:type_name -> sandbox.agent.v1.NodeMeta.Role
-	29, // 13: sandbox.agent.v1.NodeMeta.warm:type_name -> sandbox.agent.v1.NodeMeta.WarmEntry
-	0,  // 14: sandbox.agent.v1.ReportExecutionRequest.kind:type_name -> sandbox.agent.v1.ReportKind
-	33, // 15: sandbox.agent.v1.ReportExecutionRequest.state:type_name -> sandbox.v1.ExecutionState
-	31, // 16: sandbox.agent.v1.ReportExecutionRequest.artifacts:type_name -> sandbox.v1.Artifact
-	3,  // 17: sandbox.agent.v1.AgentService.StartSession:input_type -> sandbox.agent.v1.StartSessionRequest
-	5,  // 18: sandbox.agent.v1.AgentService.StopSession:input_type -> sandbox.agent.v1.StopSessionRequest
-	7,  // 19: sandbox.agent.v1.AgentService.Execute:input_type -> sandbox.agent.v1.ExecuteRequest
-	9,  // 20: sandbox.agent.v1.AgentService.CancelExecution:input_type -> sandbox.agent.v1.CancelExecutionRequest
-	11, // 21: sandbox.agent.v1.AgentService.DownloadArtifact:input_type -> sandbox.agent.v1.DownloadArtifactRequest
-	13, // 22: sandbox.agent.v1.AgentService.ListContainers:input_type -> sandbox.agent.v1.ListContainersRequest
-	21, // 23: sandbox.agent.v1.ControlPlaneService.RegisterAgent:input_type -> sandbox.agent.v1.RegisterAgentRequest
-	23, // 24: sandbox.agent.v1.ControlPlaneService.ReportExecution:input_type -> sandbox.agent.v1.ReportExecutionRequest
-	25, // 25: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:input_type -> sandbox.agent.v1.ReportSessionExitRequest
-	16, // 26: sandbox.agent.v1.ControlPlaneService.GetServerInfo:input_type -> sandbox.agent.v1.GetServerInfoRequest
-	18, // 27: sandbox.agent.v1.ControlPlaneService.AddServer:input_type -> sandbox.agent.v1.AddServerRequest
-	4,  // 28: sandbox.agent.v1.AgentService.StartSession:output_type -> sandbox.agent.v1.StartSessionResponse
-	6,  // 29: sandbox.agent.v1.AgentService.StopSession:output_type -> sandbox.agent.v1.StopSessionResponse
-	8,  // 30: sandbox.agent.v1.AgentService.Execute:output_type -> sandbox.agent.v1.ExecuteResponse
-	10, // 31: sandbox.agent.v1.AgentService.CancelExecution:output_type -> sandbox.agent.v1.CancelExecutionResponse
-	12, // 32: sandbox.agent.v1.AgentService.DownloadArtifact:output_type -> sandbox.agent.v1.DownloadArtifactResponse
-	15, // 33: sandbox.agent.v1.AgentService.ListContainers:output_type -> sandbox.agent.v1.ListContainersResponse
-	22, // 34: sandbox.agent.v1.ControlPlaneService.RegisterAgent:output_type -> sandbox.agent.v1.RegisterAgentResponse
-	24, // 35: sandbox.agent.v1.ControlPlaneService.ReportExecution:output_type -> sandbox.agent.v1.ReportExecutionResponse
-	26, // 36: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:output_type -> sandbox.agent.v1.ReportSessionExitResponse
-	17, // 37: sandbox.agent.v1.ControlPlaneService.GetServerInfo:output_type -> sandbox.agent.v1.GetServerInfoResponse
-	19, // 38: sandbox.agent.v1.ControlPlaneService.AddServer:output_type -> sandbox.agent.v1.AddServerResponse
-	28, // [28:39] is the sub-list for method output_type
-	17, // [17:28] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	33, // 10: sandbox.agent.v1.WarmPoolTarget.limits:type_name -> sandbox.v1.ResourceLimits
+	2,  // 11: sandbox.agent.v1.SetWarmPoolsRequest.fence:type_name -> sandbox.agent.v1.Fence
+	16, // 12: sandbox.agent.v1.SetWarmPoolsRequest.pools:type_name -> sandbox.agent.v1.WarmPoolTarget
+	35, // 13: sandbox.agent.v1.GetServerInfoResponse.server:type_name -> sandbox.v1.Server
+	35, // 14: sandbox.agent.v1.AddServerRequest.server:type_name -> sandbox.v1.Server
+	1,  // 15: sandbox.agent.v1.NodeMeta.role:type_name -> sandbox.agent.v1.NodeMeta.Role
+	32, // 16: sandbox.agent.v1.NodeMeta.warm:type_name -> sandbox.agent.v1.NodeMeta.WarmEntry
+	0,  // 17: sandbox.agent.v1.ReportExecutionRequest.kind:type_name -> sandbox.agent.v1.ReportKind
+	36, // 18: sandbox.agent.v1.ReportExecutionRequest.state:type_name -> sandbox.v1.ExecutionState
+	34, // 19: sandbox.agent.v1.ReportExecutionRequest.artifacts:type_name -> sandbox.v1.Artifact
+	3,  // 20: sandbox.agent.v1.AgentService.StartSession:input_type -> sandbox.agent.v1.StartSessionRequest
+	5,  // 21: sandbox.agent.v1.AgentService.StopSession:input_type -> sandbox.agent.v1.StopSessionRequest
+	7,  // 22: sandbox.agent.v1.AgentService.Execute:input_type -> sandbox.agent.v1.ExecuteRequest
+	9,  // 23: sandbox.agent.v1.AgentService.CancelExecution:input_type -> sandbox.agent.v1.CancelExecutionRequest
+	11, // 24: sandbox.agent.v1.AgentService.DownloadArtifact:input_type -> sandbox.agent.v1.DownloadArtifactRequest
+	13, // 25: sandbox.agent.v1.AgentService.ListContainers:input_type -> sandbox.agent.v1.ListContainersRequest
+	17, // 26: sandbox.agent.v1.AgentService.SetWarmPools:input_type -> sandbox.agent.v1.SetWarmPoolsRequest
+	24, // 27: sandbox.agent.v1.ControlPlaneService.RegisterAgent:input_type -> sandbox.agent.v1.RegisterAgentRequest
+	26, // 28: sandbox.agent.v1.ControlPlaneService.ReportExecution:input_type -> sandbox.agent.v1.ReportExecutionRequest
+	28, // 29: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:input_type -> sandbox.agent.v1.ReportSessionExitRequest
+	19, // 30: sandbox.agent.v1.ControlPlaneService.GetServerInfo:input_type -> sandbox.agent.v1.GetServerInfoRequest
+	21, // 31: sandbox.agent.v1.ControlPlaneService.AddServer:input_type -> sandbox.agent.v1.AddServerRequest
+	4,  // 32: sandbox.agent.v1.AgentService.StartSession:output_type -> sandbox.agent.v1.StartSessionResponse
+	6,  // 33: sandbox.agent.v1.AgentService.StopSession:output_type -> sandbox.agent.v1.StopSessionResponse
+	8,  // 34: sandbox.agent.v1.AgentService.Execute:output_type -> sandbox.agent.v1.ExecuteResponse
+	10, // 35: sandbox.agent.v1.AgentService.CancelExecution:output_type -> sandbox.agent.v1.CancelExecutionResponse
+	12, // 36: sandbox.agent.v1.AgentService.DownloadArtifact:output_type -> sandbox.agent.v1.DownloadArtifactResponse
+	15, // 37: sandbox.agent.v1.AgentService.ListContainers:output_type -> sandbox.agent.v1.ListContainersResponse
+	18, // 38: sandbox.agent.v1.AgentService.SetWarmPools:output_type -> sandbox.agent.v1.SetWarmPoolsResponse
+	25, // 39: sandbox.agent.v1.ControlPlaneService.RegisterAgent:output_type -> sandbox.agent.v1.RegisterAgentResponse
+	27, // 40: sandbox.agent.v1.ControlPlaneService.ReportExecution:output_type -> sandbox.agent.v1.ReportExecutionResponse
+	29, // 41: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:output_type -> sandbox.agent.v1.ReportSessionExitResponse
+	20, // 42: sandbox.agent.v1.ControlPlaneService.GetServerInfo:output_type -> sandbox.agent.v1.GetServerInfoResponse
+	22, // 43: sandbox.agent.v1.ControlPlaneService.AddServer:output_type -> sandbox.agent.v1.AddServerResponse
+	32, // [32:44] is the sub-list for method output_type
+	20, // [20:32] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_sandbox_agent_v1_agent_proto_init() }
@@ -1835,7 +2014,7 @@ func file_sandbox_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_agent_v1_agent_proto_rawDesc), len(file_sandbox_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   28,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

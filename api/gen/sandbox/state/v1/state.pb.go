@@ -546,6 +546,60 @@ func (x *DeleteTemplate) GetTemplateId() string {
 	return ""
 }
 
+// UpdateTemplate changes an existing template's mutable fields; unset ones
+// keep their value. An unknown template is not_found.
+type UpdateTemplate struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TemplateId    string                 `protobuf:"bytes,1,opt,name=template_id,json=templateId,proto3" json:"template_id,omitempty"`
+	WarmPoolSize  *int32                 `protobuf:"varint,2,opt,name=warm_pool_size,json=warmPoolSize,proto3,oneof" json:"warm_pool_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateTemplate) Reset() {
+	*x = UpdateTemplate{}
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateTemplate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateTemplate) ProtoMessage() {}
+
+func (x *UpdateTemplate) ProtoReflect() protoreflect.Message {
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateTemplate.ProtoReflect.Descriptor instead.
+func (*UpdateTemplate) Descriptor() ([]byte, []int) {
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *UpdateTemplate) GetTemplateId() string {
+	if x != nil {
+		return x.TemplateId
+	}
+	return ""
+}
+
+func (x *UpdateTemplate) GetWarmPoolSize() int32 {
+	if x != nil && x.WarmPoolSize != nil {
+		return *x.WarmPoolSize
+	}
+	return 0
+}
+
 type CreateSession struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Session *v1.Session            `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
@@ -558,7 +612,7 @@ type CreateSession struct {
 
 func (x *CreateSession) Reset() {
 	*x = CreateSession{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -570,7 +624,7 @@ func (x *CreateSession) String() string {
 func (*CreateSession) ProtoMessage() {}
 
 func (x *CreateSession) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[9]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -583,7 +637,7 @@ func (x *CreateSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSession.ProtoReflect.Descriptor instead.
 func (*CreateSession) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{9}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateSession) GetSession() *v1.Session {
@@ -615,7 +669,7 @@ type UpdateSession struct {
 
 func (x *UpdateSession) Reset() {
 	*x = UpdateSession{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -627,7 +681,7 @@ func (x *UpdateSession) String() string {
 func (*UpdateSession) ProtoMessage() {}
 
 func (x *UpdateSession) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[10]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -640,7 +694,7 @@ func (x *UpdateSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSession.ProtoReflect.Descriptor instead.
 func (*UpdateSession) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{10}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UpdateSession) GetSessionId() string {
@@ -695,7 +749,7 @@ type CreateExecution struct {
 
 func (x *CreateExecution) Reset() {
 	*x = CreateExecution{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -707,7 +761,7 @@ func (x *CreateExecution) String() string {
 func (*CreateExecution) ProtoMessage() {}
 
 func (x *CreateExecution) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[11]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -720,7 +774,7 @@ func (x *CreateExecution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateExecution.ProtoReflect.Descriptor instead.
 func (*CreateExecution) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{11}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateExecution) GetExecution() *v1.Execution {
@@ -748,7 +802,7 @@ type UpdateExecution struct {
 
 func (x *UpdateExecution) Reset() {
 	*x = UpdateExecution{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +814,7 @@ func (x *UpdateExecution) String() string {
 func (*UpdateExecution) ProtoMessage() {}
 
 func (x *UpdateExecution) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[12]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +827,7 @@ func (x *UpdateExecution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateExecution.ProtoReflect.Descriptor instead.
 func (*UpdateExecution) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{12}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *UpdateExecution) GetExecution() *v1.Execution {
@@ -792,7 +846,7 @@ type RegisterAgent struct {
 
 func (x *RegisterAgent) Reset() {
 	*x = RegisterAgent{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -804,7 +858,7 @@ func (x *RegisterAgent) String() string {
 func (*RegisterAgent) ProtoMessage() {}
 
 func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[13]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -817,7 +871,7 @@ func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgent.ProtoReflect.Descriptor instead.
 func (*RegisterAgent) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{13}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RegisterAgent) GetAgent() *Agent {
@@ -842,7 +896,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[14]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -854,7 +908,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_sandbox_state_v1_state_proto_msgTypes[14]
+	mi := &file_sandbox_state_v1_state_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -867,7 +921,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{14}
+	return file_sandbox_state_v1_state_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Snapshot) GetTemplates() []*v1.Template {
@@ -953,7 +1007,12 @@ const file_sandbox_state_v1_state_proto_rawDesc = "" +
 	"\btemplate\x18\x01 \x01(\v2\x14.sandbox.v1.TemplateR\btemplate\"1\n" +
 	"\x0eDeleteTemplate\x12\x1f\n" +
 	"\vtemplate_id\x18\x01 \x01(\tR\n" +
-	"templateId\"g\n" +
+	"templateId\"o\n" +
+	"\x0eUpdateTemplate\x12\x1f\n" +
+	"\vtemplate_id\x18\x01 \x01(\tR\n" +
+	"templateId\x12)\n" +
+	"\x0ewarm_pool_size\x18\x02 \x01(\x05H\x00R\fwarmPoolSize\x88\x01\x01B\x11\n" +
+	"\x0f_warm_pool_size\"g\n" +
 	"\rCreateSession\x12-\n" +
 	"\asession\x18\x01 \x01(\v2\x13.sandbox.v1.SessionR\asession\x12'\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\xe0\x01\n" +
@@ -994,7 +1053,7 @@ func file_sandbox_state_v1_state_proto_rawDescGZIP() []byte {
 	return file_sandbox_state_v1_state_proto_rawDescData
 }
 
-var file_sandbox_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_sandbox_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_sandbox_state_v1_state_proto_goTypes = []any{
 	(*Agent)(nil),                 // 0: sandbox.state.v1.Agent
 	(*SetAgentState)(nil),         // 1: sandbox.state.v1.SetAgentState
@@ -1005,41 +1064,42 @@ var file_sandbox_state_v1_state_proto_goTypes = []any{
 	(*PutTemplate)(nil),           // 6: sandbox.state.v1.PutTemplate
 	(*CreateTemplate)(nil),        // 7: sandbox.state.v1.CreateTemplate
 	(*DeleteTemplate)(nil),        // 8: sandbox.state.v1.DeleteTemplate
-	(*CreateSession)(nil),         // 9: sandbox.state.v1.CreateSession
-	(*UpdateSession)(nil),         // 10: sandbox.state.v1.UpdateSession
-	(*CreateExecution)(nil),       // 11: sandbox.state.v1.CreateExecution
-	(*UpdateExecution)(nil),       // 12: sandbox.state.v1.UpdateExecution
-	(*RegisterAgent)(nil),         // 13: sandbox.state.v1.RegisterAgent
-	(*Snapshot)(nil),              // 14: sandbox.state.v1.Snapshot
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
-	(v1.NodeState)(0),             // 16: sandbox.v1.NodeState
-	(*v1.Server)(nil),             // 17: sandbox.v1.Server
-	(*v1.Template)(nil),           // 18: sandbox.v1.Template
-	(*v1.Session)(nil),            // 19: sandbox.v1.Session
-	(v1.SessionState)(0),          // 20: sandbox.v1.SessionState
-	(*v1.Execution)(nil),          // 21: sandbox.v1.Execution
+	(*UpdateTemplate)(nil),        // 9: sandbox.state.v1.UpdateTemplate
+	(*CreateSession)(nil),         // 10: sandbox.state.v1.CreateSession
+	(*UpdateSession)(nil),         // 11: sandbox.state.v1.UpdateSession
+	(*CreateExecution)(nil),       // 12: sandbox.state.v1.CreateExecution
+	(*UpdateExecution)(nil),       // 13: sandbox.state.v1.UpdateExecution
+	(*RegisterAgent)(nil),         // 14: sandbox.state.v1.RegisterAgent
+	(*Snapshot)(nil),              // 15: sandbox.state.v1.Snapshot
+	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
+	(v1.NodeState)(0),             // 17: sandbox.v1.NodeState
+	(*v1.Server)(nil),             // 18: sandbox.v1.Server
+	(*v1.Template)(nil),           // 19: sandbox.v1.Template
+	(*v1.Session)(nil),            // 20: sandbox.v1.Session
+	(v1.SessionState)(0),          // 21: sandbox.v1.SessionState
+	(*v1.Execution)(nil),          // 22: sandbox.v1.Execution
 }
 var file_sandbox_state_v1_state_proto_depIdxs = []int32{
-	15, // 0: sandbox.state.v1.Agent.registered_at:type_name -> google.protobuf.Timestamp
-	16, // 1: sandbox.state.v1.Agent.state:type_name -> sandbox.v1.NodeState
-	15, // 2: sandbox.state.v1.Agent.state_changed_at:type_name -> google.protobuf.Timestamp
-	16, // 3: sandbox.state.v1.SetAgentState.state:type_name -> sandbox.v1.NodeState
-	15, // 4: sandbox.state.v1.SetAgentState.at:type_name -> google.protobuf.Timestamp
-	17, // 5: sandbox.state.v1.RegisterServer.server:type_name -> sandbox.v1.Server
-	15, // 6: sandbox.state.v1.IdempotencyRecord.created_at:type_name -> google.protobuf.Timestamp
-	18, // 7: sandbox.state.v1.PutTemplate.template:type_name -> sandbox.v1.Template
-	18, // 8: sandbox.state.v1.CreateTemplate.template:type_name -> sandbox.v1.Template
-	19, // 9: sandbox.state.v1.CreateSession.session:type_name -> sandbox.v1.Session
-	20, // 10: sandbox.state.v1.UpdateSession.state:type_name -> sandbox.v1.SessionState
-	15, // 11: sandbox.state.v1.UpdateSession.at:type_name -> google.protobuf.Timestamp
-	21, // 12: sandbox.state.v1.CreateExecution.execution:type_name -> sandbox.v1.Execution
-	21, // 13: sandbox.state.v1.UpdateExecution.execution:type_name -> sandbox.v1.Execution
+	16, // 0: sandbox.state.v1.Agent.registered_at:type_name -> google.protobuf.Timestamp
+	17, // 1: sandbox.state.v1.Agent.state:type_name -> sandbox.v1.NodeState
+	16, // 2: sandbox.state.v1.Agent.state_changed_at:type_name -> google.protobuf.Timestamp
+	17, // 3: sandbox.state.v1.SetAgentState.state:type_name -> sandbox.v1.NodeState
+	16, // 4: sandbox.state.v1.SetAgentState.at:type_name -> google.protobuf.Timestamp
+	18, // 5: sandbox.state.v1.RegisterServer.server:type_name -> sandbox.v1.Server
+	16, // 6: sandbox.state.v1.IdempotencyRecord.created_at:type_name -> google.protobuf.Timestamp
+	19, // 7: sandbox.state.v1.PutTemplate.template:type_name -> sandbox.v1.Template
+	19, // 8: sandbox.state.v1.CreateTemplate.template:type_name -> sandbox.v1.Template
+	20, // 9: sandbox.state.v1.CreateSession.session:type_name -> sandbox.v1.Session
+	21, // 10: sandbox.state.v1.UpdateSession.state:type_name -> sandbox.v1.SessionState
+	16, // 11: sandbox.state.v1.UpdateSession.at:type_name -> google.protobuf.Timestamp
+	22, // 12: sandbox.state.v1.CreateExecution.execution:type_name -> sandbox.v1.Execution
+	22, // 13: sandbox.state.v1.UpdateExecution.execution:type_name -> sandbox.v1.Execution
 	0,  // 14: sandbox.state.v1.RegisterAgent.agent:type_name -> sandbox.state.v1.Agent
-	18, // 15: sandbox.state.v1.Snapshot.templates:type_name -> sandbox.v1.Template
-	19, // 16: sandbox.state.v1.Snapshot.sessions:type_name -> sandbox.v1.Session
-	21, // 17: sandbox.state.v1.Snapshot.executions:type_name -> sandbox.v1.Execution
+	19, // 15: sandbox.state.v1.Snapshot.templates:type_name -> sandbox.v1.Template
+	20, // 16: sandbox.state.v1.Snapshot.sessions:type_name -> sandbox.v1.Session
+	22, // 17: sandbox.state.v1.Snapshot.executions:type_name -> sandbox.v1.Execution
 	0,  // 18: sandbox.state.v1.Snapshot.agents:type_name -> sandbox.state.v1.Agent
-	17, // 19: sandbox.state.v1.Snapshot.servers:type_name -> sandbox.v1.Server
+	18, // 19: sandbox.state.v1.Snapshot.servers:type_name -> sandbox.v1.Server
 	5,  // 20: sandbox.state.v1.Snapshot.idempotency:type_name -> sandbox.state.v1.IdempotencyRecord
 	21, // [21:21] is the sub-list for method output_type
 	21, // [21:21] is the sub-list for method input_type
@@ -1053,13 +1113,14 @@ func file_sandbox_state_v1_state_proto_init() {
 	if File_sandbox_state_v1_state_proto != nil {
 		return
 	}
+	file_sandbox_state_v1_state_proto_msgTypes[9].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_state_v1_state_proto_rawDesc), len(file_sandbox_state_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

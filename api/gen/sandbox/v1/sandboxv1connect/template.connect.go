@@ -45,6 +45,9 @@ const (
 	// TemplateServiceDeleteTemplateProcedure is the fully-qualified name of the TemplateService's
 	// DeleteTemplate RPC.
 	TemplateServiceDeleteTemplateProcedure = "/sandbox.v1.TemplateService/DeleteTemplate"
+	// TemplateServiceUpdateTemplateProcedure is the fully-qualified name of the TemplateService's
+	// UpdateTemplate RPC.
+	TemplateServiceUpdateTemplateProcedure = "/sandbox.v1.TemplateService/UpdateTemplate"
 )
 
 // TemplateServiceClient is a client for the sandbox.v1.TemplateService service.
@@ -55,6 +58,10 @@ type TemplateServiceClient interface {
 	// DeleteTemplate removes a template that no live session uses. Built-in
 	// templates cannot be deleted.
 	DeleteTemplate(context.Context, *connect.Request[v1.DeleteTemplateRequest]) (*connect.Response[v1.DeleteTemplateResponse], error)
+	// UpdateTemplate changes what a template allows to change after creation:
+	// its warm pool size (built-in templates included). Fields left unset keep
+	// their value.
+	UpdateTemplate(context.Context, *connect.Request[v1.UpdateTemplateRequest]) (*connect.Response[v1.UpdateTemplateResponse], error)
 }
 
 // NewTemplateServiceClient constructs a client for the sandbox.v1.TemplateService service. By
@@ -94,6 +101,12 @@ func NewTemplateServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(templateServiceMethods.ByName("DeleteTemplate")),
 			connect.WithClientOptions(opts...),
 		),
+		updateTemplate: connect.NewClient[v1.UpdateTemplateRequest, v1.UpdateTemplateResponse](
+			httpClient,
+			baseURL+TemplateServiceUpdateTemplateProcedure,
+			connect.WithSchema(templateServiceMethods.ByName("UpdateTemplate")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -103,6 +116,7 @@ type templateServiceClient struct {
 	getTemplate    *connect.Client[v1.GetTemplateRequest, v1.GetTemplateResponse]
 	listTemplates  *connect.Client[v1.ListTemplatesRequest, v1.ListTemplatesResponse]
 	deleteTemplate *connect.Client[v1.DeleteTemplateRequest, v1.DeleteTemplateResponse]
+	updateTemplate *connect.Client[v1.UpdateTemplateRequest, v1.UpdateTemplateResponse]
 }
 
 // CreateTemplate calls sandbox.v1.TemplateService.CreateTemplate.
@@ -125,6 +139,11 @@ func (c *templateServiceClient) DeleteTemplate(ctx context.Context, req *connect
 	return c.deleteTemplate.CallUnary(ctx, req)
 }
 
+// UpdateTemplate calls sandbox.v1.TemplateService.UpdateTemplate.
+func (c *templateServiceClient) UpdateTemplate(ctx context.Context, req *connect.Request[v1.UpdateTemplateRequest]) (*connect.Response[v1.UpdateTemplateResponse], error) {
+	return c.updateTemplate.CallUnary(ctx, req)
+}
+
 // TemplateServiceHandler is an implementation of the sandbox.v1.TemplateService service.
 type TemplateServiceHandler interface {
 	CreateTemplate(context.Context, *connect.Request[v1.CreateTemplateRequest]) (*connect.Response[v1.CreateTemplateResponse], error)
@@ -133,6 +152,10 @@ type TemplateServiceHandler interface {
 	// DeleteTemplate removes a template that no live session uses. Built-in
 	// templates cannot be deleted.
 	DeleteTemplate(context.Context, *connect.Request[v1.DeleteTemplateRequest]) (*connect.Response[v1.DeleteTemplateResponse], error)
+	// UpdateTemplate changes what a template allows to change after creation:
+	// its warm pool size (built-in templates included). Fields left unset keep
+	// their value.
+	UpdateTemplate(context.Context, *connect.Request[v1.UpdateTemplateRequest]) (*connect.Response[v1.UpdateTemplateResponse], error)
 }
 
 // NewTemplateServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -168,6 +191,12 @@ func NewTemplateServiceHandler(svc TemplateServiceHandler, opts ...connect.Handl
 		connect.WithSchema(templateServiceMethods.ByName("DeleteTemplate")),
 		connect.WithHandlerOptions(opts...),
 	)
+	templateServiceUpdateTemplateHandler := connect.NewUnaryHandler(
+		TemplateServiceUpdateTemplateProcedure,
+		svc.UpdateTemplate,
+		connect.WithSchema(templateServiceMethods.ByName("UpdateTemplate")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/sandbox.v1.TemplateService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case TemplateServiceCreateTemplateProcedure:
@@ -178,6 +207,8 @@ func NewTemplateServiceHandler(svc TemplateServiceHandler, opts ...connect.Handl
 			templateServiceListTemplatesHandler.ServeHTTP(w, r)
 		case TemplateServiceDeleteTemplateProcedure:
 			templateServiceDeleteTemplateHandler.ServeHTTP(w, r)
+		case TemplateServiceUpdateTemplateProcedure:
+			templateServiceUpdateTemplateHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -201,4 +232,8 @@ func (UnimplementedTemplateServiceHandler) ListTemplates(context.Context, *conne
 
 func (UnimplementedTemplateServiceHandler) DeleteTemplate(context.Context, *connect.Request[v1.DeleteTemplateRequest]) (*connect.Response[v1.DeleteTemplateResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.v1.TemplateService.DeleteTemplate is not implemented"))
+}
+
+func (UnimplementedTemplateServiceHandler) UpdateTemplate(context.Context, *connect.Request[v1.UpdateTemplateRequest]) (*connect.Response[v1.UpdateTemplateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.v1.TemplateService.UpdateTemplate is not implemented"))
 }

@@ -55,6 +55,9 @@ const (
 	// AgentServiceListContainersProcedure is the fully-qualified name of the AgentService's
 	// ListContainers RPC.
 	AgentServiceListContainersProcedure = "/sandbox.agent.v1.AgentService/ListContainers"
+	// AgentServiceSetWarmPoolsProcedure is the fully-qualified name of the AgentService's SetWarmPools
+	// RPC.
+	AgentServiceSetWarmPoolsProcedure = "/sandbox.agent.v1.AgentService/SetWarmPools"
 	// ControlPlaneServiceRegisterAgentProcedure is the fully-qualified name of the
 	// ControlPlaneService's RegisterAgent RPC.
 	ControlPlaneServiceRegisterAgentProcedure = "/sandbox.agent.v1.ControlPlaneService/RegisterAgent"
@@ -88,6 +91,10 @@ type AgentServiceClient interface {
 	DownloadArtifact(context.Context, *connect.Request[v1.DownloadArtifactRequest]) (*connect.ServerStreamForClient[v1.DownloadArtifactResponse], error)
 	// ListContainers reports what the agent runs, for reconciliation.
 	ListContainers(context.Context, *connect.Request[v1.ListContainersRequest]) (*connect.Response[v1.ListContainersResponse], error)
+	// SetWarmPools sets how many ready containers of each template the agent
+	// keeps; templates not listed keep none. The agent fills and trims its
+	// pools in the background and advertises them over gossip.
+	SetWarmPools(context.Context, *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the sandbox.agent.v1.AgentService service. By
@@ -137,6 +144,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("ListContainers")),
 			connect.WithClientOptions(opts...),
 		),
+		setWarmPools: connect.NewClient[v1.SetWarmPoolsRequest, v1.SetWarmPoolsResponse](
+			httpClient,
+			baseURL+AgentServiceSetWarmPoolsProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("SetWarmPools")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -148,6 +161,7 @@ type agentServiceClient struct {
 	cancelExecution  *connect.Client[v1.CancelExecutionRequest, v1.CancelExecutionResponse]
 	downloadArtifact *connect.Client[v1.DownloadArtifactRequest, v1.DownloadArtifactResponse]
 	listContainers   *connect.Client[v1.ListContainersRequest, v1.ListContainersResponse]
+	setWarmPools     *connect.Client[v1.SetWarmPoolsRequest, v1.SetWarmPoolsResponse]
 }
 
 // StartSession calls sandbox.agent.v1.AgentService.StartSession.
@@ -180,6 +194,11 @@ func (c *agentServiceClient) ListContainers(ctx context.Context, req *connect.Re
 	return c.listContainers.CallUnary(ctx, req)
 }
 
+// SetWarmPools calls sandbox.agent.v1.AgentService.SetWarmPools.
+func (c *agentServiceClient) SetWarmPools(ctx context.Context, req *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error) {
+	return c.setWarmPools.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the sandbox.agent.v1.AgentService service.
 type AgentServiceHandler interface {
 	// StartSession starts (or claims) a container for a session and returns once
@@ -196,6 +215,10 @@ type AgentServiceHandler interface {
 	DownloadArtifact(context.Context, *connect.Request[v1.DownloadArtifactRequest], *connect.ServerStream[v1.DownloadArtifactResponse]) error
 	// ListContainers reports what the agent runs, for reconciliation.
 	ListContainers(context.Context, *connect.Request[v1.ListContainersRequest]) (*connect.Response[v1.ListContainersResponse], error)
+	// SetWarmPools sets how many ready containers of each template the agent
+	// keeps; templates not listed keep none. The agent fills and trims its
+	// pools in the background and advertises them over gossip.
+	SetWarmPools(context.Context, *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -241,6 +264,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("ListContainers")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceSetWarmPoolsHandler := connect.NewUnaryHandler(
+		AgentServiceSetWarmPoolsProcedure,
+		svc.SetWarmPools,
+		connect.WithSchema(agentServiceMethods.ByName("SetWarmPools")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/sandbox.agent.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceStartSessionProcedure:
@@ -255,6 +284,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceDownloadArtifactHandler.ServeHTTP(w, r)
 		case AgentServiceListContainersProcedure:
 			agentServiceListContainersHandler.ServeHTTP(w, r)
+		case AgentServiceSetWarmPoolsProcedure:
+			agentServiceSetWarmPoolsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -286,6 +317,10 @@ func (UnimplementedAgentServiceHandler) DownloadArtifact(context.Context, *conne
 
 func (UnimplementedAgentServiceHandler) ListContainers(context.Context, *connect.Request[v1.ListContainersRequest]) (*connect.Response[v1.ListContainersResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.agent.v1.AgentService.ListContainers is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) SetWarmPools(context.Context, *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("sandbox.agent.v1.AgentService.SetWarmPools is not implemented"))
 }
 
 // ControlPlaneServiceClient is a client for the sandbox.agent.v1.ControlPlaneService service.

@@ -1,0 +1,149 @@
+package scheduler
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
+	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/scheduler/fsm"
+)
+
+func TestWarmShares(t *testing.T) {
+	agents := []*statev1.Agent{{Id: "a", MemoryMib: 1000}, {Id: "b", MemoryMib: 3000}, {Id: "c", MemoryMib: 1000}}
+	tmpls := []*sandboxv1.Template{{Id: "py", WarmPoolSize: 10}, {Id: "none"}, {Id: "one", WarmPoolSize: 1}}
+	got := warmShares(tmpls, agents)
+	if got["a"]["py"] != 2 || got["b"]["py"] != 6 || got["c"]["py"] != 2 {
+		t.Errorf("py spread %v %v %v, want 2 6 2 (by memory)", got["a"]["py"], got["b"]["py"], got["c"]["py"])
+	}
+	sum := got["a"]["one"] + got["b"]["one"] + got["c"]["one"]
+	if sum != 1 || got["b"]["one"] != 1 {
+		t.Errorf("a pool of one: %v, want it on the largest agent", got)
+	}
+	if got["a"]["none"] != 0 || got["b"]["none"] != 0 {
+		t.Errorf("a template without a pool got shares: %v", got)
+	}
+	for _, size := range []int32{1, 7, 199, 200} {
+		g := warmShares([]*sandboxv1.Template{{Id: "x", WarmPoolSize: size}}, agents)
+		if s := g["a"]["x"] + g["b"]["x"] + g["c"]["x"]; s != size {
+			t.Errorf("size %d spread into %d", size, s)
+		}
+	}
+	if g := warmShares(tmpls, nil); len(g) != 0 {
+		t.Errorf("no agents: %v", g)
+	}
+}
+
+// TestSyncWarmPools: a template's pool goes to the live agent; a change is
+// sent, an unchanged target is not sent again until the resend interval,
+// and a drained agent is told to keep nothing.
+func TestSyncWarmPools(t *testing.T) {
+	s, f := newTestScheduler(t)
+	ctx := context.Background()
+	agent := &fakeAgent{}
+	addr := serveFakeAgent(t, agent)
+	if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+		Id: "a1", Address: addr, CpuMillis: 8000, MemoryMib: 8192, BootId: "b1", RegisteredAt: timestamppb.Now(),
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	sent := func() [][]string {
+		agent.mu.Lock()
+		defer agent.mu.Unlock()
+		var out [][]string
+		for _, ps := range agent.pools {
+			var row []string
+			for _, p := range ps {
+				row = append(row, p.GetTemplateId()+"="+string(rune('0'+p.GetSize())))
+			}
+			out = append(out, row)
+		}
+		return out
+	}
+	now := time.Now()
+	s.syncWarmPools(ctx, now)
+	if got := sent(); len(got) != 0 {
+		t.Fatalf("sent %v before any template has a pool", got)
+	}
+	size := int32(3)
+	if _, err := s.UpdateTemplate(ctx, &sandboxv1.UpdateTemplateRequest{TemplateId: "python-basic", WarmPoolSize: &size}); err != nil {
+		t.Fatal(err)
+	}
+	s.syncWarmPools(ctx, now)
+	s.syncWarmPools(ctx, now.Add(time.Second))
+	if got := sent(); len(got) != 1 || len(got[0]) != 1 || got[0][0] != "python-basic=3" {
+		t.Fatalf("sent %v, want one SetWarmPools with python-basic=3", got)
+	}
+	agent.mu.Lock()
+	p := agent.pools[0][0]
+	agent.mu.Unlock()
+	tmpl, _ := f.Template("python-basic")
+	if p.GetImage() != tmpl.GetImage() || p.GetLimits().GetMemoryMib() != tmpl.GetDefaultLimits().GetMemoryMib() {
+		t.Errorf("target %v does not carry the template's image and default limits", p)
+	}
+	s.syncWarmPools(ctx, now.Add(warmResendInterval+time.Second))
+	if got := sent(); len(got) != 2 {
+		t.Fatalf("after the resend interval: sent %v, want the targets again", got)
+	}
+	if _, err := s.DrainNode(ctx, "a1"); err != nil {
+		t.Fatal(err)
+	}
+	s.syncWarmPools(ctx, now.Add(warmResendInterval+2*time.Second))
+	if got := sent(); len(got) != 3 || len(got[2]) != 0 {
+		t.Fatalf("after a drain: sent %v, want empty targets last", got)
+	}
+	// Bad sizes are refused and change nothing.
+	for _, bad := range []int32{-1, MaxWarmPoolSize + 1} {
+		if _, err := s.UpdateTemplate(ctx, &sandboxv1.UpdateTemplateRequest{TemplateId: "python-basic", WarmPoolSize: &bad}); err == nil {
+			t.Errorf("UpdateTemplate warm_pool_size %d accepted", bad)
+		}
+	}
+	if _, err := s.UpdateTemplate(ctx, &sandboxv1.UpdateTemplateRequest{TemplateId: "nope", WarmPoolSize: &size}); err == nil {
+		t.Error("UpdateTemplate of an unknown template accepted")
+	}
+	if tmpl, _ := f.Template("python-basic"); tmpl.GetWarmPoolSize() != 3 {
+		t.Errorf("warm_pool_size %d after refused updates, want 3", tmpl.GetWarmPoolSize())
+	}
+}
+
+// TestCreateSessionClaimsWarm: with an agent advertising a warm container
+// of the template, CreateSession has the agent start the session first and
+// commits it once, RUNNING on the agent's container; a retry with the same
+// idempotency key gets the same session.
+func TestCreateSessionClaimsWarm(t *testing.T) {
+	s, _ := newTestScheduler(t)
+	ctx := context.Background()
+	agent := &fakeAgent{}
+	addr := serveFakeAgent(t, agent)
+	if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+		Id: "a1", Address: addr, CpuMillis: 8000, MemoryMib: 8192, BootId: "b1", RegisteredAt: timestamppb.Now(),
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{},
+		warm: map[string]map[string]int32{"python-basic": {"a1": 5}}})
+	before := s.raft.AppliedIndex()
+	sess, err := s.CreateSession(ctx, &sandboxv1.CreateSessionRequest{TemplateId: "python-basic", IdempotencyKey: "k1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sess.GetState() != sandboxv1.SessionState_SESSION_STATE_RUNNING || sess.GetContainerId() != "c-"+sess.GetId() || sess.GetAgentId() != "a1" {
+		t.Fatalf("warm session %v", sess)
+	}
+	if n := s.raft.AppliedIndex() - before; n != 1 {
+		t.Errorf("a warm start took %d commits, want 1", n)
+	}
+	again, err := s.CreateSession(ctx, &sandboxv1.CreateSessionRequest{TemplateId: "python-basic", IdempotencyKey: "k1"})
+	if err != nil || again.GetId() != sess.GetId() {
+		t.Fatalf("retry with the key: %v, %v; want session %s", again, err, sess.GetId())
+	}
+	agent.mu.Lock()
+	started := len(agent.started)
+	agent.mu.Unlock()
+	if started != 1 {
+		t.Errorf("the agent started %d sessions, want 1", started)
+	}
+}
