@@ -78,9 +78,16 @@ cluster:
 down:
 	deploy/local/down.sh
 
-## bench: measure CreateSession and Execute against the running local cluster
+## bench: every benchmark scenario (bench/README.md) against the local cluster,
+## started with make cluster when nothing answers on BENCH_ADDR; writes
+## bench/results/<date>-bench.{json,md,svg}. N=runs per scenario (100),
+## SCENARIOS=comma list (all). Needs root, like make cluster.
+BENCH_ADDR ?= http://127.0.0.1:7400
+BENCH_OUT ?= bench/results/$(shell date -u +%F)-bench
 bench: build
-	$(GO) run ./bench -n $${N:-100}
+	@SANDBOX_ADDR=$(BENCH_ADDR) $(BIN)/sandboxctl cluster status >/dev/null 2>&1 || $(MAKE) --no-print-directory cluster
+	SANDBOX_ADDR=$(BENCH_ADDR) $(GO) run ./bench -scenario $(or $(SCENARIOS),all) -n $(or $(N),100) \
+		-json $(BENCH_OUT).json -md $(BENCH_OUT).md -svg $(BENCH_OUT).svg
 
 clean:
 	rm -rf $(BIN)

@@ -1,166 +1,199 @@
-// Command bench produces the project's performance numbers.
+// Command bench produces the project's performance numbers: named scenarios
+// against a running cluster (CreateSession warm and cold, Execute per
+// language, a full cycle, sustained executions, a burst against a warm pool,
+// host memory per warm container), the floors under them (bare bubblewrap +
+// interpreter, bare interpreter) and the baselines a user would otherwise
+// pick (runc, ctr, docker), all in one run, side by side and as ratios.
 //
-// The default scenario, latency, measures what a client sees against a
-// running cluster: CreateSession, Execute `print(1)` in a running session,
-// and TerminateSession. It prints count, p50, p90, p99 and max per scenario
-// and, with -json, writes them as JSON.
+// Each latency scenario prints count, p50, p90, p99 and max; -json, -md and
+// -svg write the report as JSON (with the commit measured and the machine),
+// a Markdown table and a latency chart. See bench/README.md.
 //
-// The placement scenario needs no cluster: it builds three in-process
-// servers (in-memory Raft transport, bbolt log stores), registers -agents
-// simulated agents and places sessions (pick an agent, commit the session
-// through Raft: scheduler.PlaceSession) from -concurrency goroutines for
-// -duration, then prints placements per second and their latency.
-//
-//	go run ./bench -n 100                          # against the make up cluster
-//	go run ./bench -scenario placement -json out.json
+//	go run ./bench                                  # every scenario, against make cluster
+//	go run ./bench -scenario floors,baselines -n 50 # no cluster needed
+//	go run ./bench -scenario placement              # in-process placement at 10,000 agents
 package main
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
-
-	"connectrpc.com/connect"
-
-	"github.com/sandboxhq/sandbox/api"
-	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
-	"github.com/sandboxhq/sandbox/api/gen/sandbox/v1/sandboxv1connect"
 )
 
-// Result is one scenario's latency summary, in milliseconds.
-type Result struct {
-	Scenario string  `json:"scenario"`
-	Count    int     `json:"count"`
-	P50      float64 `json:"p50_ms"`
-	P90      float64 `json:"p90_ms"`
-	P99      float64 `json:"p99_ms"`
-	Max      float64 `json:"max_ms"`
-}
-
-func summarize(name string, d []time.Duration) Result {
-	slices.Sort(d)
-	q := func(p float64) float64 {
-		if len(d) == 0 {
-			return 0
-		}
-		i := int(p*float64(len(d))+0.5) - 1
-		i = max(0, min(i, len(d)-1))
-		return float64(d[i].Microseconds()) / 1000
-	}
-	return Result{Scenario: name, Count: len(d), P50: q(.50), P90: q(.90), P99: q(.99), Max: q(1)}
-}
-
 func main() {
-	var (
-		addr     = flag.String("addr", envOr("SANDBOX_ADDR", "http://127.0.0.1:7400"), "API address")
-		key      = flag.String("api-key", os.Getenv("SANDBOX_API_KEY"), "API key (default: .sandbox/api-key)")
-		n        = flag.Int("n", 100, "runs per scenario")
-		template = flag.String("template", "python-basic", "template to measure")
-		jsonOut  = flag.String("json", "", "also write the results as JSON to this file")
-		scenario = flag.String("scenario", "latency", "latency (against a running cluster) or placement (in-process)")
-		agents   = flag.Int("agents", 10000, "placement: simulated agents")
-		conc     = flag.Int("concurrency", 128, "placement: concurrent placements")
-		duration = flag.Duration("duration", 10*time.Second, "placement: how long to place")
-		cpuProf  = flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
-	)
-	flag.Parse()
-	if *cpuProf != "" {
-		f, err := os.Create(*cpuProf)
+	cfg, out, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fatal(err)
+	}
+	if out.cpuProfile != "" {
+		f, err := os.Create(out.cpuProfile)
 		if err != nil {
 			fatal(err)
 		}
 		if err := pprof.StartCPUProfile(f); err != nil {
 			fatal(err)
 		}
-		defer pprof.StopCPUProfile()
 	}
-	switch *scenario {
-	case "latency":
-	case "placement":
-		if err := placementMain(*agents, *conc, *duration, *jsonOut); err != nil {
-			pprof.StopCPUProfile()
-			fatal(err)
-		}
-		return
-	default:
-		fatal(fmt.Errorf("unknown scenario %q: want latency or placement", *scenario))
-	}
-	if *key == "" {
-		b, err := os.ReadFile(filepath.Join(".sandbox", "api-key"))
-		if err != nil {
-			fatal(fmt.Errorf("no API key: set SANDBOX_API_KEY or run from the repository after make up: %w", err))
-		}
-		*key = strings.TrimSpace(string(b))
-	}
-	results, err := run(context.Background(), *addr, *key, *template, *n)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err = run(ctx, cfg, out)
+	stop()
+	pprof.StopCPUProfile()
 	if err != nil {
 		fatal(err)
 	}
-	fmt.Printf("%-28s %6s %9s %9s %9s %9s\n", "scenario", "count", "p50 ms", "p90 ms", "p99 ms", "max ms")
-	for _, r := range results {
-		fmt.Printf("%-28s %6d %9.2f %9.2f %9.2f %9.2f\n", r.Scenario, r.Count, r.P50, r.P90, r.P99, r.Max)
-	}
-	if *jsonOut != "" {
-		b, _ := json.MarshalIndent(results, "", "  ")
-		if err := os.WriteFile(*jsonOut, append(b, '\n'), 0o644); err != nil {
-			fatal(err)
-		}
-	}
 }
 
-func run(ctx context.Context, addr, key, template string, n int) ([]Result, error) {
-	hc := api.NewH2CClient()
-	sessions := sandboxv1connect.NewSessionServiceClient(hc, addr, api.WithBearer(key))
-	executions := sandboxv1connect.NewExecutionServiceClient(hc, addr, api.WithBearer(key))
+// outputs are where the report goes besides stdout.
+type outputs struct {
+	scenarios     string
+	json, md, svg string
+	cpuProfile    string
+}
 
-	var create, terminate, execute []time.Duration
-	for range n {
-		t0 := time.Now()
-		resp, err := sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: template}))
-		if err != nil {
-			return nil, fmt.Errorf("CreateSession: %w", err)
-		}
-		create = append(create, time.Since(t0))
-		id := resp.Msg.GetSession().GetId()
-		t0 = time.Now()
-		if _, err := sessions.TerminateSession(ctx, connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: id})); err != nil {
-			return nil, fmt.Errorf("TerminateSession: %w", err)
-		}
-		terminate = append(terminate, time.Since(t0))
+func parseFlags(args []string) (Config, outputs, error) {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	var (
+		cfg Config
+		out outputs
+	)
+	fs.StringVar(&out.scenarios, "scenario", "all", "comma list of scenarios or groups (floors, baselines, cluster), or all: "+strings.Join(scenarioNames(), ", "))
+	fs.StringVar(&cfg.Addr, "addr", envOr("SANDBOX_ADDR", "http://127.0.0.1:7400"), "API address")
+	fs.StringVar(&cfg.APIKey, "api-key", os.Getenv("SANDBOX_API_KEY"), "API key (default: .sandbox/api-key)")
+	fs.IntVar(&cfg.N, "n", 100, "measured runs per latency scenario")
+	fs.IntVar(&cfg.Warmup, "warmup", 5, "unmeasured runs before each latency scenario")
+	fs.IntVar(&cfg.Clients, "clients", 4, "sustained and the floor loop: concurrent clients")
+	fs.DurationVar(&cfg.Duration, "duration", 10*time.Second, "sustained, the floor loop and placement: how long")
+	fs.StringVar(&cfg.Template, "template", "python-basic", "template measured for python and bash")
+	fs.StringVar(&cfg.NodeTemplate, "node-template", "nodejs-basic", "template measured for node")
+	fs.IntVar(&cfg.WarmPool, "warm-pool", 4, "create-warm: warm pool size")
+	fs.IntVar(&cfg.Burst, "burst", 200, "burst: pool size and concurrent creates")
+	var burstCPU int
+	fs.IntVar(&burstCPU, "burst-cpu-millis", 50, "burst: each session's cpu limit (small, so that all fit the agents)")
+	fs.Int64Var(&cfg.BurstMemoryMiB, "burst-memory-mib", 64, "burst: each session's memory limit")
+	fs.IntVar(&cfg.MemGrow, "memory-containers", 100, "warm-memory: how many warm containers to add")
+	fs.DurationVar(&cfg.Settle, "settle", 5*time.Second, "warm-memory: wait before sampling memory")
+	fs.IntVar(&cfg.MemSamples, "memory-samples", 5, "warm-memory: MemAvailable samples (a second apart) per median")
+	fs.DurationVar(&cfg.PoolTimeout, "pool-timeout", 120*time.Second, "give up on a warm pool that makes no progress for this long")
+	fs.StringVar(&cfg.ContainerdAddress, "containerd-address", envOr("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"), "containerd socket (floors, baselines, warm-memory)")
+	fs.StringVar(&cfg.Namespace, "namespace", "sandbox", "containerd namespace of the images and the agents' containers")
+	fs.IntVar(&cfg.Agents, "agents", 10000, "placement: simulated agents")
+	fs.IntVar(&cfg.Concurrency, "concurrency", 128, "placement: concurrent placements")
+	fs.StringVar(&out.json, "json", "", "write the report as JSON to this file")
+	fs.StringVar(&out.md, "md", "", "write the report as Markdown to this file")
+	fs.StringVar(&out.svg, "svg", "", "write a latency chart (SVG) to this file")
+	fs.StringVar(&out.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file")
+	if err := fs.Parse(args); err != nil {
+		return cfg, out, err
 	}
+	if fs.NArg() > 0 {
+		return cfg, out, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	cfg.BurstCPUMillis = int32(burstCPU)
+	cfg.Log = os.Stderr
+	if cfg.N < 1 || cfg.Warmup < 0 || cfg.Clients < 1 || cfg.Duration <= 0 || cfg.WarmPool < 1 || cfg.Burst < 1 || cfg.MemGrow < 1 || cfg.MemSamples < 1 {
+		return cfg, out, errors.New("-n, -clients, -duration, -warm-pool, -burst, -memory-containers and -memory-samples must be positive, -warmup not negative")
+	}
+	return cfg, out, nil
+}
 
-	resp, err := sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: template}))
+// run runs the selected scenarios and writes the report. The cluster is
+// put back as it was found (sessions terminated, pool sizes restored) and
+// the images unmounted, also when a scenario fails or the run is
+// interrupted.
+func run(ctx context.Context, cfg Config, out outputs) error {
+	list, err := selectScenarios(out.scenarios)
 	if err != nil {
-		return nil, fmt.Errorf("CreateSession: %w", err)
+		return err
 	}
-	id := resp.Msg.GetSession().GetId()
-	defer sessions.TerminateSession(context.WithoutCancel(ctx), connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: id}))
-	for i := range n + 5 {
-		t0 := time.Now()
-		r, err := executions.Execute(ctx, connect.NewRequest(&sandboxv1.ExecuteRequest{SessionId: id, Language: "python", Code: "print(1)"}))
+	var names []string
+	for _, s := range list {
+		names = append(names, s.name)
+	}
+	r := &runner{cfg: cfg, report: newReport(RunConfig{
+		Requested: out.scenarios, Scenarios: names, N: cfg.N, Warmup: cfg.Warmup, Clients: cfg.Clients, Duration: cfg.Duration.String(),
+		Template: cfg.Template, WarmPool: cfg.WarmPool, Burst: cfg.Burst, MemGrow: cfg.MemGrow,
+	})}
+	if slices.ContainsFunc(list, func(s scenario) bool { return s.cluster }) {
+		key, err := apiKey(cfg.APIKey)
 		if err != nil {
-			return nil, fmt.Errorf("Execute: %w", err)
+			return err
 		}
-		if r.Msg.GetExecution().GetStdout() != "1\n" {
-			return nil, fmt.Errorf("Execute print(1): %v", r.Msg.GetExecution())
+		r.c = newCluster(cfg.Addr, key, cfg.PoolTimeout)
+		if err := r.c.check(ctx); err != nil {
+			return err
 		}
-		if i >= 5 { // the first runs warm the page cache
-			execute = append(execute, time.Since(t0))
+		r.report.Config.Addr = cfg.Addr
+	}
+	runErr := r.runAll(ctx, list)
+	cleanupErr := r.close()
+	r.report.finish()
+	fmt.Println()
+	r.report.writeText(os.Stdout)
+	if err := r.report.write(out); err != nil {
+		return errors.Join(runErr, cleanupErr, err)
+	}
+	return errors.Join(runErr, cleanupErr)
+}
+
+// close puts the cluster back and unmounts the images.
+func (r *runner) close() error {
+	var errs []error
+	if r.c != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := r.c.close(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("restoring the cluster: %w", err))
 		}
 	}
-	return []Result{
-		summarize("create_session_cold", create),
-		summarize("terminate_session", terminate),
-		summarize("execute_python_print1", execute),
-	}, nil
+	if r.host != nil {
+		if err := r.host.close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// write writes the files asked for.
+func (rep *Report) write(out outputs) error {
+	if out.json != "" {
+		if err := rep.writeJSON(out.json); err != nil {
+			return err
+		}
+	}
+	if out.md != "" {
+		if err := writeFile(out.md, []byte(rep.markdown())); err != nil {
+			return err
+		}
+	}
+	if out.svg != "" {
+		day, _, _ := strings.Cut(rep.Date, "T")
+		title := fmt.Sprintf("sandbox bench %s, %d CPUs, commit %.12s", day, rep.Machine.CPUs, rep.Commit)
+		if err := writeFile(out.svg, []byte(latencySVG(title, rep.Results))); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// apiKey is key, or the one make up and make cluster write.
+func apiKey(key string) (string, error) {
+	if key != "" {
+		return key, nil
+	}
+	b, err := os.ReadFile(filepath.Join(".sandbox", "api-key"))
+	if err != nil {
+		return "", fmt.Errorf("no API key: set SANDBOX_API_KEY or -api-key, or run from the repository after make cluster: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
 func envOr(k, def string) string {
@@ -173,47 +206,4 @@ func envOr(k, def string) string {
 func fatal(err error) {
 	fmt.Fprintln(os.Stderr, "bench:", err)
 	os.Exit(1)
-}
-
-// placementMain runs the placement scenario and reports it.
-func placementMain(agents, concurrency int, duration time.Duration, jsonOut string) error {
-	dir, cleanup, err := tempDir()
-	if err != nil {
-		return err
-	}
-	defer cleanup()
-	res, err := runPlacement(context.Background(), PlacementConfig{Agents: agents, Concurrency: concurrency, Duration: duration, Dir: dir})
-	if err != nil {
-		return err
-	}
-	fmt.Printf("placement: %d agents, %d concurrent, %.1f s: %.0f placements/s (%d refused, %d errors, %d agents overcommitted)\n",
-		res.Agents, res.Concurrency, res.Seconds, res.PerSecond, res.Refused, res.Errors, res.Overcommitted)
-	r := res.Latency
-	fmt.Printf("%-28s %8s %9s %9s %9s %9s\n", "latency", "count", "p50 ms", "p90 ms", "p99 ms", "max ms")
-	fmt.Printf("%-28s %8d %9.2f %9.2f %9.2f %9.2f\n", r.Scenario, r.Count, r.P50, r.P90, r.P99, r.Max)
-	if jsonOut != "" {
-		out := struct {
-			Scenario string          `json:"scenario"`
-			Commit   string          `json:"commit"`
-			Date     string          `json:"date"`
-			Result   PlacementResult `json:"result"`
-		}{"placement", gitCommit(), time.Now().UTC().Format(time.RFC3339), res}
-		b, _ := json.MarshalIndent(out, "", "  ")
-		if err := os.WriteFile(jsonOut, append(b, '\n'), 0o644); err != nil {
-			return err
-		}
-	}
-	if res.Overcommitted > 0 {
-		return fmt.Errorf("%d agents overcommitted", res.Overcommitted)
-	}
-	return nil
-}
-
-// gitCommit is the commit of the working tree, or "unknown".
-func gitCommit() string {
-	b, err := exec.Command("git", "rev-parse", "HEAD").Output()
-	if err != nil {
-		return "unknown"
-	}
-	return strings.TrimSpace(string(b))
 }
