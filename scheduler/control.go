@@ -128,6 +128,11 @@ func (s *Scheduler) endExecutions(ctx context.Context, sessionID string, state s
 
 func (s *Scheduler) reportExecution(ctx context.Context, req *agentv1.ReportExecutionRequest) error {
 	e, err := s.GetExecution(ctx, req.GetExecutionId())
+	if errors.Is(err, sandbox.ErrNotFound) {
+		if handled, err := s.reportOneShot(ctx, req); handled {
+			return err
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -301,6 +306,13 @@ func (s *Scheduler) purge(ctx context.Context, now time.Time) {
 func (s *Scheduler) busy(sessionID string) bool {
 	for _, e := range s.fsm.ExecutionsBySession(sessionID) {
 		if !terminal(e) {
+			return true
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, o := range s.oneShots {
+		if o.exec.GetSessionId() == sessionID {
 			return true
 		}
 	}

@@ -82,6 +82,9 @@ func (s *Scheduler) Execute(ctx context.Context, req *sandboxv1.ExecuteRequest) 
 		CreatedAt:      timestamppb.Now(),
 		Tenant:         tenant,
 	}
+	if !req.GetAsync() && req.GetIdempotencyKey() == "" {
+		return s.executeOneShot(ctx, agent, sess, exec, req.GetEnv())
+	}
 	resp, err := s.raft.Apply(ctx, fsm.CreateExecutionType, &statev1.CreateExecution{Execution: exec, IdempotencyKey: req.GetIdempotencyKey()})
 	if err != nil {
 		return nil, err
@@ -112,15 +115,7 @@ func (s *Scheduler) awaitExecution(ctx context.Context, id string, async bool) (
 func (s *Scheduler) dispatch(ctx context.Context, agent *statev1.Agent, sess *sandboxv1.Session, exec *sandboxv1.Execution, env map[string]string) error {
 	bg, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	_, err := s.agents.get(agent.GetAddress()).Execute(bg, connect.NewRequest(&agentv1.ExecuteRequest{
-		Fence:          s.fence(),
-		ExecutionId:    exec.GetId(),
-		SessionId:      sess.GetId(),
-		Language:       exec.GetLanguage(),
-		Code:           exec.GetCode(),
-		TimeoutSeconds: exec.GetTimeoutSeconds(),
-		Env:            env,
-	}))
+	err := s.handOver(bg, agent, sess, exec, env)
 	if err == nil {
 		s.log.Debug("execution dispatched", "execution", exec.GetId(), "session", sess.GetId(), "agent", agent.GetId())
 		return nil
@@ -131,6 +126,22 @@ func (s *Scheduler) dispatch(ctx context.Context, agent *statev1.Agent, sess *sa
 		StateReason: fmt.Sprintf("agent %s could not start the execution: %v", agent.GetId(), err),
 		FinishedAt:  timestamppb.Now(),
 	}}))
+}
+
+// handOver asks the session's agent to run an execution (30 s at most).
+func (s *Scheduler) handOver(ctx context.Context, agent *statev1.Agent, sess *sandboxv1.Session, exec *sandboxv1.Execution, env map[string]string) error {
+	bg, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	_, err := s.agents.get(agent.GetAddress()).Execute(bg, connect.NewRequest(&agentv1.ExecuteRequest{
+		Fence:          s.fence(),
+		ExecutionId:    exec.GetId(),
+		SessionId:      sess.GetId(),
+		Language:       exec.GetLanguage(),
+		Code:           exec.GetCode(),
+		TimeoutSeconds: exec.GetTimeoutSeconds(),
+		Env:            env,
+	}))
+	return err
 }
 
 // GetExecution returns one execution.

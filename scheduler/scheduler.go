@@ -113,6 +113,8 @@ type Scheduler struct {
 	mu sync.Mutex
 	// heartbeats records when each running execution last showed life.
 	heartbeats map[string]time.Time
+	// oneShots are the executions handed over and not yet recorded (see oneshot.go).
+	oneShots map[string]*oneShot
 	// warmSent is what this leader last told each agent about warm pools.
 	warmSent map[string]warmSent
 	// agentSeen records when each agent last registered with this server.
@@ -148,6 +150,7 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		log:        cfg.Logger,
 		heartbeats: make(map[string]time.Time),
 		warmSent:   make(map[string]warmSent),
+		oneShots:   make(map[string]*oneShot),
 		agentSeen:  make(map[string]time.Time),
 		proxies:    make(map[string]*httputil.ReverseProxy),
 		agentDown:  make(map[string]time.Time),
@@ -207,6 +210,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			}
 		}
 		s.housekeep(ctx, now)
+		s.expireOneShots(now)
 		s.syncWarmPools(ctx, now)
 		if now.Sub(lastReconcile) >= s.cfg.ReconcileInterval {
 			s.reconcileAll(ctx)

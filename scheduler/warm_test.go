@@ -125,7 +125,7 @@ func TestCreateSessionClaimsWarm(t *testing.T) {
 	}
 	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{},
 		warm: map[string]map[string]int32{"python-basic": {"a1": 5}}})
-	before := s.raft.AppliedIndex()
+	before := settledIndex(t, s)
 	sess, err := s.CreateSession(ctx, &sandboxv1.CreateSessionRequest{TemplateId: "python-basic", IdempotencyKey: "k1"})
 	if err != nil {
 		t.Fatal(err)
@@ -133,7 +133,7 @@ func TestCreateSessionClaimsWarm(t *testing.T) {
 	if sess.GetState() != sandboxv1.SessionState_SESSION_STATE_RUNNING || sess.GetContainerId() != "c-"+sess.GetId() || sess.GetAgentId() != "a1" {
 		t.Fatalf("warm session %v", sess)
 	}
-	if n := s.raft.AppliedIndex() - before; n != 1 {
+	if n := settledIndex(t, s) - before; n != 1 {
 		t.Errorf("a warm start took %d commits, want 1", n)
 	}
 	again, err := s.CreateSession(ctx, &sandboxv1.CreateSessionRequest{TemplateId: "python-basic", IdempotencyKey: "k1"})
