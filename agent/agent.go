@@ -173,6 +173,8 @@ type Agent struct {
 
 	// pools are the warm pools (see pool.go).
 	pools *pools
+	// labelSlot lets one claimed container's label be written at a time.
+	labelSlot chan struct{}
 
 	mu       sync.Mutex
 	sessions map[string]*session
@@ -265,6 +267,7 @@ func New(cfg Config) (*Agent, error) {
 		meshUpdate:         make(chan struct{}, 1),
 		fenceTerm:          term,
 		pools:              newPools(cfg.WarmConcurrency),
+		labelSlot:          make(chan struct{}, 1),
 	}
 	if err := cfg.Registry.Register(warmReadyCollector{a.pools}); err != nil {
 		_ = db.Close()

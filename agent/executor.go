@@ -42,6 +42,13 @@ func newExecutorClient(sessionID, socket, token string) *executorClient {
 	return &executorClient{sessionID: sessionID, socket: socket, token: token, transport: tr, client: &http.Client{Transport: tr}}
 }
 
+// forSession is a client of the same executor, over the same connections,
+// that speaks for a session with its token (a claimed warm container's
+// executor is already connected from its health checks).
+func (c *executorClient) forSession(sessionID, token string) *executorClient {
+	return &executorClient{sessionID: sessionID, socket: c.socket, token: token, transport: c.transport, client: c.client}
+}
+
 // close drops the client's idle connections.
 func (c *executorClient) close() { c.transport.CloseIdleConnections() }
 

@@ -63,9 +63,20 @@ type warmContainer struct {
 	templateID string
 	image      string
 	limits     sandbox.Limits
+	// exec is its executor's client, connected by the health checks.
+	exec *executorClient
 	// ctx ends its pool watcher: cancelled when claimed or destroyed.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// exitCh is the runtime's wait on the container, bound to waitCtx
+	// (cancelled by waitCancel when the container is destroyed, or when its
+	// session is released), so that a claim hands it to the session
+	// without waiting on the runtime again. watcherDone is closed when the
+	// pool watcher stopped; an exit it read after a claim is in handoff.
+	exitCh      <-chan runtime.ExitResult
+	waitCancel  context.CancelFunc
+	watcherDone chan struct{}
+	handoff     chan runtime.ExitResult
 	// exited is closed by the watcher when the container ended in the pool.
 	exited chan struct{}
 	exit   runtime.ExitResult
@@ -320,9 +331,12 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 	id := warmPrefix + randomID()
 	w := &warmContainer{
 		id: id, dir: filepath.Join(a.socketsDir, id), templateID: templateID, image: t.image, limits: t.limits,
-		exited: make(chan struct{}),
+		exited: make(chan struct{}), watcherDone: make(chan struct{}), handoff: make(chan runtime.ExitResult, 1),
+		exec: newExecutorClient(id, filepath.Join(a.socketsDir, id, executorapi.ExecutorSocket), ""),
 	}
 	w.ctx, w.cancel = context.WithCancel(a.baseCtx)
+	waitCtx, waitCancel := context.WithCancel(a.baseCtx)
+	w.waitCancel = waitCancel
 	fail := func(err error) (*warmContainer, error) {
 		a.destroyWarm(w, "its start failed")
 		return nil, err
@@ -347,15 +361,15 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 	if _, err := a.rt.Start(sctx, spec); err != nil {
 		return fail(fmt.Errorf("runtime start of warm container %s (image %s): %w", id, t.image, err))
 	}
-	exitCh, err := a.rt.Wait(w.ctx, id)
+	exitCh, err := a.rt.Wait(waitCtx, id)
 	if err != nil {
+		close(w.watcherDone)
 		return fail(fmt.Errorf("wait on warm container %s: %w", id, err))
 	}
+	w.exitCh = exitCh
 	a.wg.Add(1)
-	go a.watchWarm(w, exitCh)
-	exec := newExecutorClient(id, filepath.Join(w.dir, executorapi.ExecutorSocket), "")
-	defer exec.close()
-	if _, err := pollHealth(sctx, exec, w.exited, a.healthInterval, a.healthTimeout, func() string {
+	go a.watchWarm(w)
+	if _, err := pollHealth(sctx, w.exec, w.exited, a.healthInterval, a.healthTimeout, func() string {
 		return fmt.Sprintf("warm container %s exited before its executor was healthy: %s", id, exitReason(w.exit))
 	}); err != nil {
 		return fail(err)
@@ -364,11 +378,12 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 }
 
 // watchWarm takes a warm container that ends while in the pool out of it.
-func (a *Agent) watchWarm(w *warmContainer, exitCh <-chan runtime.ExitResult) {
+func (a *Agent) watchWarm(w *warmContainer) {
 	defer a.wg.Done()
+	defer close(w.watcherDone)
 	var res runtime.ExitResult
 	select {
-	case r, ok := <-exitCh:
+	case r, ok := <-w.exitCh:
 		if !ok {
 			r = runtime.ExitResult{ExitCode: -1, Err: errors.New("runtime closed the wait channel")}
 		}
@@ -377,7 +392,8 @@ func (a *Agent) watchWarm(w *warmContainer, exitCh <-chan runtime.ExitResult) {
 		return
 	}
 	if w.ctx.Err() != nil {
-		return // claimed or destroyed meanwhile
+		w.handoff <- res // claimed meanwhile: the session's watcher gets it
+		return
 	}
 	w.exit = res
 	close(w.exited)
@@ -431,6 +447,10 @@ func (a *Agent) claimWarm(templateID, image string, l sandbox.Limits) *warmConta
 // destroyWarm removes a warm container and its files.
 func (a *Agent) destroyWarm(w *warmContainer, why string) {
 	w.cancel()
+	defer w.exec.close()
+	if w.waitCancel != nil {
+		defer w.waitCancel()
+	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(a.baseCtx), destroyTimeout)
 	defer cancel()
 	if err := a.rt.Destroy(ctx, w.id); err != nil {

@@ -55,6 +55,9 @@ type session struct {
 	// ctx ends the session's watcher and callback server; cancel is called by release.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// stopWait, when set, ends the runtime wait a claimed warm container
+	// brought along; release calls it.
+	stopWait context.CancelFunc
 
 	callback *http.Server
 	// exited is closed by the watcher when the container ended; exit is set before.
@@ -269,53 +272,90 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 	return a.recordSession(s, p)
 }
 
-// claim gives a warm container to a session: the session's limits and
-// label on the container, its token and env to the executor (/init), then
-// the callback server, the exit watcher and the record. Should the container
-// refuse the limits or the init, it is destroyed and claim returns used false
-// (the caller starts a new container); once the session uses it, a failure
-// fails the start, whose cleanup destroys it.
+// claim gives a warm container to a session: the session's limits on the
+// container, then the callback server, the exit watcher, its token and env
+// to the executor (/init) and the record; the session's label follows off
+// the start's path. Should the container refuse the limits, it is destroyed
+// and claim returns used false (the caller starts a new container); after
+// that a failure fails the start, whose cleanup destroys the container.
 func (a *Agent) claim(ctx context.Context, s *session, w *warmContainer, p startParams) (used bool, err error) {
 	if err := a.rt.Update(ctx, w.id, runtime.Update{Limits: &p.Limits}); err != nil {
 		a.destroyWarm(w, "the claim could not apply the session's limits")
 		return false, fmt.Errorf("apply the session's limits to warm container %s: %w", w.id, err)
 	}
-	exec := newExecutorClient(s.id, filepath.Join(w.dir, executorapi.ExecutorSocket), s.token)
-	if err := exec.init(ctx, executorapi.InitRequest{SessionID: s.id, Token: s.token, Env: p.Env}); err != nil {
-		exec.close()
-		a.destroyWarm(w, "its executor refused the session")
-		return false, fmt.Errorf("init executor of warm container %s: %w", w.id, err)
+	// The session takes over the pool's wait on the container (and an exit
+	// its watcher saw meanwhile) and the executor's open connection.
+	<-w.watcherDone
+	exitCh := w.exitCh
+	select {
+	case r := <-w.handoff:
+		ch := make(chan runtime.ExitResult, 1)
+		ch <- r
+		exitCh = ch
+	default:
 	}
+	exec := w.exec.forSession(s.id, s.token)
 	a.mu.Lock()
 	s.containerID, s.dir, s.exec = w.id, w.dir, exec
+	s.stopWait = w.waitCancel
 	s.started = true
 	a.mu.Unlock()
+	// From here the container is the session's: a failure fails the start,
+	// whose cleanup destroys it. The record is written beside the init.
+	recorded := make(chan error, 1)
+	go func() { recorded <- a.recordSession(s, p) }()
 	if err := a.serveCallbacks(s); err != nil {
+		<-recorded
 		return true, err
-	}
-	exitCh, err := a.rt.Wait(s.ctx, s.containerID)
-	if err != nil {
-		return true, fmt.Errorf("wait on container %s: %w", s.containerID, err)
 	}
 	a.wg.Add(1)
 	go a.watch(s, exitCh)
-	if err := a.recordSession(s, p); err != nil {
+	if err := exec.init(ctx, executorapi.InitRequest{SessionID: s.id, Token: s.token, Env: p.Env}); err != nil {
+		<-recorded
+		return true, fmt.Errorf("init executor of warm container %s: %w", w.id, err)
+	}
+	if err := <-recorded; err != nil {
 		return true, err
 	}
-	// The session's label is for operators (and a cross-check at re-adoption):
-	// agent.db is what maps the session to its container, so the label is
-	// written off the start's path, where a burst of claims would queue on
-	// the runtime's metadata store.
+	a.labelLater(s)
+	return true, nil
+}
+
+// labelLater puts the session's label on its claimed container, off the
+// start's path: agent.db is what maps a session to its container; the label
+// is for operators (and a cross-check at re-adoption). Labels are written
+// one at a time once claims pause, so a burst of claims does not queue on
+// the runtime's metadata store.
+func (a *Agent) labelLater(s *session) {
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
+		for {
+			p := a.pools
+			p.mu.Lock()
+			wait := p.lastClaim.Add(refillQuiet).Sub(time.Now())
+			p.mu.Unlock()
+			if wait <= 0 {
+				break
+			}
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+		select {
+		case a.labelSlot <- struct{}{}:
+		case <-s.ctx.Done():
+			return
+		}
+		defer func() { <-a.labelSlot }()
 		lctx, cancel := context.WithTimeout(s.ctx, destroyTimeout)
 		defer cancel()
 		if err := a.rt.Update(lctx, s.containerID, runtime.Update{Labels: map[string]string{runtime.LabelSession: s.id}}); err != nil && s.ctx.Err() == nil {
 			a.log.Warn("label a claimed container with its session", "session", s.id, "container", s.containerID, "err", err)
 		}
 	}()
-	return true, nil
 }
 
 // containerSpec is the runtime spec of a sandbox container, for a session
@@ -524,6 +564,9 @@ func (a *Agent) destroy(ctx context.Context, s *session) error {
 // executor connections, socket directory, the bbolt record, the map entry.
 func (a *Agent) release(s *session) {
 	s.cancel()
+	if s.stopWait != nil {
+		s.stopWait()
+	}
 	if s.callback != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		if err := s.callback.Shutdown(ctx); err != nil {

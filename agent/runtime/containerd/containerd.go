@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -70,6 +71,10 @@ type Runtime struct {
 	log     *slog.Logger
 	images  imageCache
 	cgroups cgroupLimits
+	// disks holds the workspace size (MiB) of the containers this Runtime
+	// started, by id, so that Update checks it without asking containerd
+	// for the container's record (a claim's latency); others are looked up.
+	disks sync.Map
 	// stopWatch ends the image watch; watchDone is closed when it has.
 	stopWatch context.CancelFunc
 	watchDone chan struct{}
@@ -217,6 +222,7 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (runtime.Status,
 	// creation (shim, runc create) and its start (runc start).
 	r.log.Debug("container started", "container", spec.ID, "image", spec.Image, "pid", pid, "duration", time.Since(begin),
 		"root", made.Sub(begin), "task_create", created.Sub(made), "task_start", time.Since(created))
+	r.disks.Store(spec.ID, spec.Limits.DiskMiB)
 	return runtime.Status{
 		ID:        spec.ID,
 		Labels:    rec.Labels,
@@ -323,14 +329,23 @@ func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error
 			return fmt.Errorf("%w: update container %s: cpu, memory and pids limits must be positive, got %+v", sandbox.ErrInvalidArgument, id, l)
 		}
 	}
-	// The record also proves id names a container, before id becomes part
-	// of a cgroup path.
-	rec, err := r.client.ContainerService().Get(ctx, id)
-	if err != nil {
-		return mapErr(id, "update", err)
-	}
 	if u.Limits != nil {
-		if err := r.updateLimits(rec, *u.Limits); err != nil {
+		// A container this Runtime started is known with its disk size;
+		// any other's record proves id names a container before id
+		// becomes part of a cgroup path, and holds its disk size.
+		disk, known := r.disks.Load(id)
+		if !known {
+			rec, err := r.client.ContainerService().Get(ctx, id)
+			if err != nil {
+				return mapErr(id, "update", err)
+			}
+			d, err := workspaceMiB(rec)
+			if err != nil {
+				return fmt.Errorf("update container %s: %w", id, err)
+			}
+			disk = d
+		}
+		if err := r.updateLimits(id, disk.(int64), *u.Limits); err != nil {
 			return err
 		}
 	}
@@ -350,17 +365,13 @@ func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error
 
 // updateLimits checks l against the container's spec and writes it to the
 // container's cgroup.
-func (r *Runtime) updateLimits(rec containers.Container, l sandbox.Limits) error {
-	disk, err := workspaceMiB(rec)
-	if err != nil {
-		return fmt.Errorf("update container %s: %w", rec.ID, err)
-	}
+func (r *Runtime) updateLimits(id string, disk int64, l sandbox.Limits) error {
 	if l.DiskMiB != disk {
 		return fmt.Errorf("%w: update container %s: disk limit %d MiB differs from the %d MiB it was created with",
-			sandbox.ErrInvalidArgument, rec.ID, l.DiskMiB, disk)
+			sandbox.ErrInvalidArgument, id, l.DiskMiB, disk)
 	}
-	if err := r.cgroups.set(r.CgroupPath(rec.ID), l); err != nil {
-		return fmt.Errorf("update limits of container %s: %w", rec.ID, err)
+	if err := r.cgroups.set(r.CgroupPath(id), l); err != nil {
+		return fmt.Errorf("update limits of container %s: %w", id, err)
 	}
 	return nil
 }
@@ -445,6 +456,7 @@ func finished(err error) bool {
 // a failure) can simply be called again.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	ctx = r.ns(ctx)
+	r.disks.Delete(id)
 	c, err := r.client.LoadContainer(ctx, id)
 	if errdefs.IsNotFound(err) {
 		return nil
