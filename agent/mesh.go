@@ -17,6 +17,7 @@ func (a *Agent) joinMesh(ctx context.Context, addr, bootID string) (*membership.
 	cfg.Logger = a.log.With("component", "gossip")
 	cfg.Meta = func() *agentv1.NodeMeta {
 		freeCPU, freeMem := a.free()
+		warm, version := a.pools.counts()
 		return &agentv1.NodeMeta{
 			Role:          agentv1.NodeMeta_ROLE_AGENT,
 			Id:            a.cfg.ID,
@@ -26,7 +27,8 @@ func (a *Agent) joinMesh(ctx context.Context, addr, bootID string) (*membership.
 			FreeCpuMillis: freeCPU,
 			FreeMemoryMib: freeMem,
 			BootId:        bootID,
-			Warm:          a.pools.readyCounts(),
+			Warm:          warm,
+			WarmVersion:   version,
 		}
 	}
 	mesh, err := membership.New(ctx, cfg)

@@ -93,6 +93,15 @@ type pools struct {
 	failures map[string]int
 	retryAt  map[string]time.Time
 	closed   bool
+	// version grows with every change of ready: servers keep the newest
+	// count they hear (gossip and StartSession answers race).
+	version uint64
+	// unanswered counts, per template, the containers claimed by session
+	// starts that have not answered their server yet. The count the agent
+	// reports is ready plus unanswered: the server subtracts its own
+	// unanswered warm picks, so a claim is neither missed nor subtracted
+	// twice, however the answers and gossip interleave.
+	unanswered map[string]int
 	// started counts warm container starts, to fill runtime groups in turn.
 	started int
 	// lastClaim is when a session last claimed a container; quiet is the
@@ -110,6 +119,7 @@ func newPools(concurrency int) *pools {
 	}
 	return &pools{
 		targets:     map[string]poolTarget{},
+		unanswered:  map[string]int{},
 		ready:       map[string][]*warmContainer{},
 		starting:    map[string]int{},
 		failures:    map[string]int{},
@@ -129,12 +139,40 @@ func (p *pools) poke() {
 
 // readyCounts is what the agent advertises: ready containers per template.
 func (p *pools) readyCounts() map[string]int32 {
+	counts, _ := p.counts()
+	return counts
+}
+
+// counts is readyCounts with the version of that count.
+func (p *pools) counts() (map[string]int32, uint64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.countsLocked(), p.version
+}
+
+// answered is counts for the answer of a session start that claimed a
+// container of template claimedFrom (empty: none): the claim is answered
+// now, so it leaves the unanswered count.
+func (p *pools) answered(claimedFrom string) (map[string]int32, uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if claimedFrom != "" {
+		if p.unanswered[claimedFrom]--; p.unanswered[claimedFrom] <= 0 {
+			delete(p.unanswered, claimedFrom)
+		}
+		p.version++
+	}
+	return p.countsLocked(), p.version
+}
+
+func (p *pools) countsLocked() map[string]int32 {
 	out := map[string]int32{}
+	for t, n := range p.unanswered {
+		out[t] = int32(n)
+	}
 	for t, ws := range p.ready {
 		if len(ws) > 0 {
-			out[t] = int32(len(ws))
+			out[t] += int32(len(ws))
 		}
 	}
 	return out
@@ -244,6 +282,9 @@ func (a *Agent) balancePools(ctx context.Context) {
 			surplus = append(surplus, keep[len(keep)-over:]...)
 			keep = keep[:len(keep)-over]
 		}
+		if len(keep) != len(ws) {
+			p.version++
+		}
 		p.ready[tmpl] = keep
 	}
 	ids := make([]string, 0, len(p.targets))
@@ -300,6 +341,7 @@ func (a *Agent) fillOne(ctx context.Context, templateID string, t poolTarget, se
 	p.starting[templateID]--
 	if err == nil && !p.closed {
 		p.ready[templateID] = append(p.ready[templateID], w)
+		p.version++
 		delete(p.failures, templateID)
 		delete(p.retryAt, templateID)
 	} else if err != nil {
@@ -403,6 +445,7 @@ func (a *Agent) watchWarm(w *warmContainer) {
 	for i, x := range ws {
 		if x == w {
 			p.ready[w.templateID] = append(ws[:i:i], ws[i+1:]...)
+			p.version++
 			break
 		}
 	}
@@ -432,6 +475,8 @@ func (a *Agent) claimWarm(templateID, image string, l sandbox.Limits) *warmConta
 		default:
 		}
 		p.ready[templateID] = append(ws[:i:i], ws[i+1:]...)
+		p.unanswered[templateID]++
+		p.version++
 		p.lastClaim = time.Now()
 		w.cancel()
 		a.metrics.warmClaims.WithLabelValues(templateID, "hit").Inc()
@@ -472,6 +517,7 @@ func (a *Agent) drainPools() {
 		all = append(all, ws...)
 	}
 	p.ready = map[string][]*warmContainer{}
+	p.version++
 	if p.quiet != nil {
 		p.quiet.Stop()
 	}

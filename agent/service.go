@@ -34,7 +34,7 @@ var _ agentv1connect.AgentServiceHandler = (*service)(nil)
 
 func (sv *service) StartSession(ctx context.Context, req *connect.Request[agentv1.StartSessionRequest]) (*connect.Response[agentv1.StartSessionResponse], error) {
 	m := req.Msg
-	id, err := sv.a.startSession(ctx, startParams{
+	id, claimed, err := sv.a.startSession(ctx, startParams{
 		SessionID:  m.GetSessionId(),
 		TemplateID: m.GetTemplateId(),
 		Image:      m.GetImage(),
@@ -42,10 +42,11 @@ func (sv *service) StartSession(ctx context.Context, req *connect.Request[agentv
 		Env:        m.GetEnv(),
 		Token:      m.GetCallbackToken(),
 	})
+	warm, version := sv.a.pools.answered(claimed)
 	if err != nil {
 		return nil, connectError(err)
 	}
-	return connect.NewResponse(&agentv1.StartSessionResponse{ContainerId: id}), nil
+	return connect.NewResponse(&agentv1.StartSessionResponse{ContainerId: id, Warm: warm, WarmVersion: version}), nil
 }
 
 // limitsOf converts the wire limits.

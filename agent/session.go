@@ -143,28 +143,31 @@ func (p startParams) validate() error {
 // executor is healthy and initialised. Starting a running session again with
 // the same token returns its container (a retried call); anything else about
 // an existing session is ErrAlreadyExists.
-func (a *Agent) startSession(ctx context.Context, p startParams) (string, error) {
+//
+// claimed names the template whose warm container the start claimed (empty
+// when it claimed none), so that the answer can count it (see pools.answered).
+func (a *Agent) startSession(ctx context.Context, p startParams) (id string, claimed string, err error) {
 	if err := p.validate(); err != nil {
-		return "", err
+		return "", "", err
 	}
 	containerID := containerPrefix + p.SessionID
 	dir := filepath.Join(a.socketsDir, containerID)
 	if n := len(filepath.Join(dir, executorapi.ExecutorSocket)); n > maxUnixPath {
-		return "", fmt.Errorf("%w: socket path for session %s would be %d bytes (max %d); use a shorter DataDir", sandbox.ErrInvalidArgument, p.SessionID, n, maxUnixPath)
+		return "", "", fmt.Errorf("%w: socket path for session %s would be %d bytes (max %d); use a shorter DataDir", sandbox.ErrInvalidArgument, p.SessionID, n, maxUnixPath)
 	}
 
 	a.mu.Lock()
 	if a.closed {
 		a.mu.Unlock()
-		return "", fmt.Errorf("%w: agent %s is shutting down", sandbox.ErrUnavailable, a.cfg.ID)
+		return "", "", fmt.Errorf("%w: agent %s is shutting down", sandbox.ErrUnavailable, a.cfg.ID)
 	}
 	if s, ok := a.sessions[p.SessionID]; ok {
 		st, same := s.state, s.auth.match("Bearer "+p.Token)
 		a.mu.Unlock()
 		if st == sessionRunning && same && s.image == p.Image {
-			return s.containerID, nil
+			return s.containerID, "", nil
 		}
-		return "", fmt.Errorf("%w: session %s already has container %s on agent %s", sandbox.ErrAlreadyExists, p.SessionID, s.containerID, a.cfg.ID)
+		return "", "", fmt.Errorf("%w: session %s already has container %s on agent %s", sandbox.ErrAlreadyExists, p.SessionID, s.containerID, a.cfg.ID)
 	}
 	// The start finishes even if the server that asked goes away (a leader
 	// killed mid-call): the next leader finds the container running and
@@ -179,18 +182,18 @@ func (a *Agent) startSession(ctx context.Context, p startParams) (string, error)
 	a.sessionsChanged()
 	a.mu.Unlock()
 
-	claimed := false
-	var err error
+	used := false
 	if w := a.claimWarm(p.TemplateID, p.Image, p.Limits); w != nil {
-		claimed, err = a.claim(launchCtx, s, w, p)
-		if !claimed {
+		claimed = p.TemplateID
+		used, err = a.claim(launchCtx, s, w, p)
+		if !used {
 			a.log.Warn("claiming a warm container failed; starting a new one", "session", s.id, "container", w.id, "err", err)
 		}
 	}
-	if !claimed {
+	if !used {
 		err = a.launch(launchCtx, s, p)
 	}
-	log := a.log.With("session", s.id, "container", s.containerID, "warm", claimed)
+	log := a.log.With("session", s.id, "container", s.containerID, "warm", used)
 
 	a.mu.Lock()
 	if err == nil {
@@ -219,10 +222,10 @@ func (a *Agent) startSession(ctx context.Context, p startParams) (string, error)
 			log.Error("destroy container after failed start", "err", derr)
 		}
 		a.release(s)
-		return "", fmt.Errorf("start session %s on agent %s: %w", s.id, a.cfg.ID, err)
+		return "", claimed, fmt.Errorf("start session %s on agent %s: %w", s.id, a.cfg.ID, err)
 	}
 	log.Info("session started", "template", s.templateID, "image", s.image)
-	return s.containerID, nil
+	return s.containerID, claimed, nil
 }
 
 // launch does the work of a start: socket directory, callback server,

@@ -164,7 +164,11 @@ func readyOf(nodes []*sandboxv1.Node, template string) int {
 var errPoolStalled = errors.New("warm pool made no progress")
 
 // waitPool waits until the cluster reports exactly want ready containers of
-// template (ListNodes, summed over nodes). It fails when the count has not
+// template (ListNodes, summed over nodes: what the servers heard by gossip)
+// and the agents' own count (sandbox_agent_warm_ready on their /metrics)
+// agrees: gossip can lag an agent that has just handed out a container, and
+// a create made on a stale count measures a miss, not the warm path. It
+// fails when the count has not
 // moved towards want for c.poolTimeout, so that a build whose agents keep no
 // warm pools fails with a message instead of hanging.
 func (c *cluster) waitPool(ctx context.Context, template string, want int) error {
@@ -182,7 +186,9 @@ func (c *cluster) waitPool(ctx context.Context, template string, want int) error
 			return err
 		}
 		if got == want {
-			return nil
+			if truth, ok := c.agentReady(ctx, template); !ok || truth == want {
+				return nil
+			}
 		}
 		dist := abs(want - got)
 		if best < 0 || dist < best {
@@ -264,6 +270,29 @@ func (c *cluster) close(ctx context.Context) error {
 		}
 	}
 	return err
+}
+
+// agentReady sums sandbox_agent_warm_ready of template over the agents'
+// /metrics; ok is false when no agent answered.
+func (c *cluster) agentReady(ctx context.Context, template string) (int, bool) {
+	resp, err := c.nodes.ListNodes(ctx, connect.NewRequest(&sandboxv1.ListNodesRequest{}))
+	if err != nil {
+		return 0, false
+	}
+	sum, ok := 0, false
+	for _, n := range resp.Msg.GetNodes() {
+		addr := n.GetAddress()
+		if !strings.Contains(addr, "://") {
+			addr = "http://" + addr
+		}
+		m, err := c.scrape(ctx, addr+"/metrics", "sandbox_agent_warm_ready", map[string]string{"template": template}, "template")
+		if err != nil {
+			continue
+		}
+		ok = true
+		sum += int(m[template])
+	}
+	return sum, ok
 }
 
 // claimCounts sums sandbox_agent_warm_claims_total of template by result

@@ -18,6 +18,37 @@ type Mesh interface {
 	Members() []membership.Member
 }
 
+// meshEvents is a mesh that also reports changes as they happen
+// (membership.Mesh does).
+type meshEvents interface {
+	Events() <-chan membership.Event
+}
+
+// followMesh reads the mesh's changes until ctx ends: an agent's new
+// metadata updates the warm pool counts placement uses at once, instead of
+// at the next sweep (a session claimed right after a pool refilled would
+// otherwise miss it). Reading also keeps the mesh's event queue empty.
+func (s *Scheduler) followMesh(ctx context.Context, events <-chan membership.Event) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			m := ev.Member.Meta
+			if m.GetRole() != agentv1.NodeMeta_ROLE_AGENT {
+				continue
+			}
+			switch ev.Type {
+			case membership.EventJoined, membership.EventUpdated:
+				s.noteWarm(m.GetId(), m.GetBootId(), m.GetWarmVersion(), m.GetWarm())
+			}
+		}
+	}
+}
+
 // agentSweepInterval is how often the leader checks the mesh for dead agents.
 const agentSweepInterval = 200 * time.Millisecond
 
@@ -25,6 +56,14 @@ const agentSweepInterval = 200 * time.Millisecond
 func (s *Scheduler) watchAgents(ctx context.Context) {
 	if s.cfg.Mesh == nil {
 		return
+	}
+	if ev, ok := s.cfg.Mesh.(meshEvents); ok {
+		done := make(chan struct{})
+		defer func() { <-done }()
+		go func() {
+			defer close(done)
+			s.followMesh(ctx, ev.Events())
+		}()
 	}
 	t := time.NewTicker(agentSweepInterval)
 	defer t.Stop()

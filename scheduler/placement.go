@@ -105,8 +105,6 @@ type liveness struct {
 	// server and then went silent for AgentTimeout; one this server has not
 	// heard from yet counts as alive, since the replicated state says READY.
 	stale map[string]bool
-	// warm holds, per template id, the agents with ready containers of it.
-	warm map[string]map[string]int32
 }
 
 func (v *liveness) ok(agentID string) bool {
@@ -126,14 +124,56 @@ type placementState struct {
 	mu sync.Mutex
 	// inflight is what picks not yet committed hold, by agent id.
 	inflight map[string]*reservation
-	// taken counts the picks this server made of each agent's warm
-	// containers (by agent id and template) since takenView, the liveness
-	// snapshot whose warm counts they are subtracted from: a burst of
-	// placements spreads over the advertised pools instead of piling on
-	// the first, until the agents' next advertisements arrive.
-	taken     map[string]int32
-	takenView *liveness
+	// warm is the newest count of each agent's ready warm containers this
+	// server heard (gossip or a StartSession answer, by version), indexed
+	// by template in warmIdx; warmInflight counts this server's warm picks
+	// (by agent and template) whose StartSession has not answered yet, so a
+	// burst spreads over the pools instead of piling on one agent.
+	warm         map[string]agentWarm
+	warmIdx      map[string]map[string]int32
+	warmInflight map[string]int32
 }
+
+// agentWarm is one agent's warm pools as last heard.
+type agentWarm struct {
+	boot    string
+	version uint64
+	ready   map[string]int32
+}
+
+// noteWarm records an agent's warm pool count if it is newer than the one
+// held: a higher version, or any version of a new boot (boot empty: the
+// same boot as held, from a StartSession answer).
+func (s *Scheduler) noteWarm(agentID, boot string, version uint64, ready map[string]int32) {
+	ps := &s.placement
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	cur, known := ps.warm[agentID]
+	if boot == "" {
+		boot = cur.boot
+	}
+	if known && boot == cur.boot && version <= cur.version {
+		return
+	}
+	if ps.warm == nil {
+		ps.warm, ps.warmIdx = map[string]agentWarm{}, map[string]map[string]int32{}
+	}
+	for t := range cur.ready {
+		delete(ps.warmIdx[t], agentID)
+	}
+	for t, n := range ready {
+		if n <= 0 {
+			continue
+		}
+		if ps.warmIdx[t] == nil {
+			ps.warmIdx[t] = map[string]int32{}
+		}
+		ps.warmIdx[t][agentID] = n
+	}
+	ps.warm[agentID] = agentWarm{boot: boot, version: version, ready: ready}
+}
+
+func warmKeyOf(agentID, templateID string) string { return agentID + "\x00" + templateID }
 
 type reservation struct {
 	cpuMillis, memoryMiB int64
@@ -156,7 +196,7 @@ func (s *Scheduler) liveView(now time.Time) *liveness {
 // refreshLiveness rebuilds the liveness snapshot, from members when given
 // (the mesh's member list a sweep already fetched), and stores it.
 func (s *Scheduler) refreshLiveness(now time.Time, members []membership.Member) *liveness {
-	v := &liveness{at: now, mesh: s.cfg.Mesh != nil, warm: map[string]map[string]int32{}}
+	v := &liveness{at: now, mesh: s.cfg.Mesh != nil}
 	if v.mesh {
 		if members == nil {
 			members = s.cfg.Mesh.Members()
@@ -170,15 +210,7 @@ func (s *Scheduler) refreshLiveness(now time.Time, members []membership.Member) 
 			if m.State == membership.StateAlive || m.State == membership.StateSuspect {
 				v.alive[id] = true
 			}
-			for tmpl, n := range m.Meta.GetWarm() {
-				if n <= 0 {
-					continue
-				}
-				if v.warm[tmpl] == nil {
-					v.warm[tmpl] = map[string]int32{}
-				}
-				v.warm[tmpl][id] = n
-			}
+			s.noteWarm(id, m.Meta.GetBootId(), m.Meta.GetWarmVersion(), m.Meta.GetWarm())
 		}
 	} else {
 		v.stale = map[string]bool{}
@@ -216,9 +248,6 @@ func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *state
 	defer ps.mu.Unlock()
 	p := picker{l: l}
 	var bestID string
-	if ps.takenView != view {
-		ps.takenView, ps.taken = view, map[string]int32{}
-	}
 	consider := func(a *statev1.Agent, ld *fsm.AgentLoad, w int32) {
 		if ld.State != sandboxv1.NodeState_NODE_STATE_READY {
 			return
@@ -237,8 +266,8 @@ func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *state
 		p.take(c)
 		bestID = a.GetId()
 	}
-	for id, w := range view.warm[templateID] {
-		if w -= ps.taken[id+"\x00"+templateID]; w <= 0 {
+	for id, w := range ps.warmIdx[templateID] {
+		if w -= ps.warmInflight[warmKeyOf(id, templateID)]; w <= 0 {
 			continue
 		}
 		s.fsm.WithAgentLoad(id, func(a *statev1.Agent, ld *fsm.AgentLoad) { consider(a, ld, w) })
@@ -262,8 +291,13 @@ func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *state
 	if !ok {
 		return nil, nil, false, fmt.Errorf("%w: agent %s vanished during placement", sandbox.ErrUnavailable, bestID)
 	}
-	if p.best.warm > 0 {
-		ps.taken[bestID+"\x00"+templateID]++
+	warm = p.best.warm > 0
+	wk := warmKeyOf(bestID, templateID)
+	if warm {
+		if ps.warmInflight == nil {
+			ps.warmInflight = map[string]int32{}
+		}
+		ps.warmInflight[wk]++
 	}
 	if ps.inflight == nil {
 		ps.inflight = map[string]*reservation{}
@@ -286,8 +320,13 @@ func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *state
 			if r.n--; r.n == 0 {
 				delete(ps.inflight, bestID)
 			}
+			if warm {
+				if ps.warmInflight[wk]--; ps.warmInflight[wk] <= 0 {
+					delete(ps.warmInflight, wk)
+				}
+			}
 		})
-	}, p.best.warm > 0, nil
+	}, warm, nil
 }
 
 // SessionSpec is what a new session carries besides its template and limits.

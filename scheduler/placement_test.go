@@ -202,23 +202,24 @@ func TestPlaceAgreesWithPicker(t *testing.T) {
 			}
 			_ = s.apply(ctx, fsm.CreateSessionType, &statev1.CreateSession{Session: sess}) // over capacity is refused; fine
 		}
-		view := &liveness{at: time.Now().Add(time.Hour), mesh: true, alive: map[string]bool{}, warm: map[string]map[string]int32{}}
+		view := &liveness{at: time.Now().Add(time.Hour), mesh: true, alive: map[string]bool{}}
+		warm := map[string]int32{}
 		for i := range agents {
 			id := fmt.Sprintf("a%02d", i)
 			view.alive[id] = rng.IntN(8) != 0
+			ready := map[string]int32{}
 			if rng.IntN(10) == 0 {
-				if view.warm["python-basic"] == nil {
-					view.warm["python-basic"] = map[string]int32{}
-				}
-				view.warm["python-basic"][id] = int32(1 + rng.IntN(3))
+				warm[id] = int32(1 + rng.IntN(3))
+				ready["python-basic"] = warm[id]
 			}
+			s.noteWarm(id, "boot", uint64(round+1), ready)
 		}
 		s.placement.live.Store(view)
 		l := sandbox.Limits{CPUMillis: int32(250 * (1 + rng.IntN(8))), MemoryMiB: int64(256 * (1 + rng.IntN(16)))}
 		var cands []candidate
 		f.ForEachAgentLoad(func(a *statev1.Agent, ld *fsm.AgentLoad) {
 			if ld.State == sandboxv1.NodeState_NODE_STATE_READY && view.ok(a.GetId()) {
-				cands = append(cands, candidate{agent: a, cpuUsed: ld.CPUUsed, memoryUse: ld.MemoryUsed, warm: view.warm["python-basic"][a.GetId()]})
+				cands = append(cands, candidate{agent: a, cpuUsed: ld.CPUUsed, memoryUse: ld.MemoryUsed, warm: warm[a.GetId()]})
 			}
 		})
 		want, wantErr := pickAgent(cands, l)
@@ -232,7 +233,7 @@ func TestPlaceAgreesWithPicker(t *testing.T) {
 		release()
 		// Warm agents tie in a map's order; the fit among them must match.
 		if got.GetId() != want.GetId() {
-			g, w := view.warm["python-basic"][got.GetId()], view.warm["python-basic"][want.GetId()]
+			g, w := warm[got.GetId()], warm[want.GetId()]
 			gc, gm, _ := f.AgentUsage(got.GetId())
 			wc, wm, _ := f.AgentUsage(want.GetId())
 			if (g > 0) != (w > 0) || got.GetMemoryMib()-gm != want.GetMemoryMib()-wm || int64(got.GetCpuMillis())-gc != int64(want.GetCpuMillis())-wc {

@@ -149,6 +149,7 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 		return nil, false, nil
 	}
 	sess.ContainerId = start.Msg.GetContainerId()
+	s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
 	resp, err := s.raft.Apply(bg, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: spec.IdempotencyKey})
 	switch ex, existing := resp.(fsm.Existing); {
 	case err == nil && existing:
@@ -195,6 +196,7 @@ func (s *Scheduler) startOnAgent(ctx context.Context, agent *statev1.Agent, tmpl
 		}
 		return fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
 	}
+	s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
 	return s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
 		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_RUNNING,
 		ContainerId: start.Msg.GetContainerId(), At: timestamppb.Now(),

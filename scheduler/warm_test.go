@@ -7,6 +7,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/sandboxhq/sandbox"
 	statev1 "github.com/sandboxhq/sandbox/api/gen/sandbox/state/v1"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
@@ -123,8 +124,8 @@ func TestCreateSessionClaimsWarm(t *testing.T) {
 	}}); err != nil {
 		t.Fatal(err)
 	}
-	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{},
-		warm: map[string]map[string]int32{"python-basic": {"a1": 5}}})
+	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{}})
+	s.noteWarm("a1", "b1", 1, map[string]int32{"python-basic": 5})
 	before := settledIndex(t, s)
 	sess, err := s.CreateSession(ctx, &sandboxv1.CreateSessionRequest{TemplateId: "python-basic", IdempotencyKey: "k1"})
 	if err != nil {
@@ -145,5 +146,61 @@ func TestCreateSessionClaimsWarm(t *testing.T) {
 	agent.mu.Unlock()
 	if started != 1 {
 		t.Errorf("the agent started %d sessions, want 1", started)
+	}
+}
+
+// TestWarmPicksSpreadAndVersions: warm picks not answered yet count against
+// an agent's advertised pool, so a burst spreads over the pools and no pick
+// counts on a container another pick took; an older count never replaces a
+// newer one, and a new boot's count replaces any.
+func TestWarmPicksSpreadAndVersions(t *testing.T) {
+	s, _ := newTestScheduler(t)
+	ctx := context.Background()
+	for _, id := range []string{"a1", "a2"} {
+		if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+			Id: id, Address: "127.0.0.1:1", CpuMillis: 64000, MemoryMib: 65536, BootId: "b", RegisteredAt: timestamppb.Now(),
+		}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{}})
+	s.noteWarm("a1", "b", 5, map[string]int32{"python-basic": 2})
+	s.noteWarm("a2", "b", 5, map[string]int32{"python-basic": 2})
+	l := sandbox.Limits{CPUMillis: 100, MemoryMiB: 64}
+	got := map[string]int{}
+	var releases []func()
+	for range 4 {
+		a, release, warm, err := s.placeWarm(l, "python-basic")
+		if err != nil || !warm {
+			t.Fatalf("pick: %v, warm %v", err, warm)
+		}
+		got[a.GetId()]++
+		releases = append(releases, release)
+	}
+	if got["a1"] != 2 || got["a2"] != 2 {
+		t.Errorf("4 warm picks went %v, want 2 and 2", got)
+	}
+	if _, release, warm, _ := s.placeWarm(l, "python-basic"); warm {
+		t.Error("a fifth pick counted on a warm container four unanswered picks hold")
+	} else {
+		release()
+	}
+	// The answers come: a1 has none left. An older gossip count is ignored.
+	s.noteWarm("a1", "", 7, map[string]int32{})
+	s.noteWarm("a1", "b", 6, map[string]int32{"python-basic": 2})
+	for _, r := range releases {
+		r()
+	}
+	if a, release, warm, _ := s.placeWarm(l, "python-basic"); !warm || a.GetId() != "a2" {
+		t.Errorf("after a1's pool emptied: picked %s warm %v, want a2 warm", a.GetId(), warm)
+	} else {
+		release()
+	}
+	// A restarted agent starts counting again.
+	s.noteWarm("a1", "b2", 1, map[string]int32{"python-basic": 9})
+	if a, release, warm, _ := s.placeWarm(l, "python-basic"); !warm || a.GetId() != "a1" {
+		t.Errorf("after a1 restarted with 9 ready: picked %s warm %v, want a1", a.GetId(), warm)
+	} else {
+		release()
 	}
 }

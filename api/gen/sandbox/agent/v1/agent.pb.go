@@ -276,8 +276,12 @@ func (x *StartSessionRequest) GetCallbackToken() string {
 }
 
 type StartSessionResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	// The agent's warm pools after this start: ready containers per template,
+	// and the version of that count (see NodeMeta.warm_version).
+	Warm          map[string]int32 `protobuf:"bytes,2,rep,name=warm,proto3" json:"warm,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	WarmVersion   uint64           `protobuf:"varint,3,opt,name=warm_version,json=warmVersion,proto3" json:"warm_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -317,6 +321,20 @@ func (x *StartSessionResponse) GetContainerId() string {
 		return x.ContainerId
 	}
 	return ""
+}
+
+func (x *StartSessionResponse) GetWarm() map[string]int32 {
+	if x != nil {
+		return x.Warm
+	}
+	return nil
+}
+
+func (x *StartSessionResponse) GetWarmVersion() uint64 {
+	if x != nil {
+		return x.WarmVersion
+	}
+	return 0
 }
 
 type StopSessionRequest struct {
@@ -1239,8 +1257,12 @@ type NodeMeta struct {
 	FreeCpuMillis int32 `protobuf:"varint,8,opt,name=free_cpu_millis,json=freeCpuMillis,proto3" json:"free_cpu_millis,omitempty"`
 	FreeMemoryMib int64 `protobuf:"varint,9,opt,name=free_memory_mib,json=freeMemoryMib,proto3" json:"free_memory_mib,omitempty"`
 	// Agents only: ready warm containers per template id.
-	Warm          map[string]int32 `protobuf:"bytes,10,rep,name=warm,proto3" json:"warm,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	BootId        string           `protobuf:"bytes,11,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
+	Warm map[string]int32 `protobuf:"bytes,10,rep,name=warm,proto3" json:"warm,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Agents only: grows with every change of warm (within one boot_id), so
+	// that a server keeps the newest count it heard, by gossip or by a
+	// StartSession answer.
+	WarmVersion   uint64 `protobuf:"varint,12,opt,name=warm_version,json=warmVersion,proto3" json:"warm_version,omitempty"`
+	BootId        string `protobuf:"bytes,11,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1343,6 +1365,13 @@ func (x *NodeMeta) GetWarm() map[string]int32 {
 		return x.Warm
 	}
 	return nil
+}
+
+func (x *NodeMeta) GetWarmVersion() uint64 {
+	if x != nil {
+		return x.WarmVersion
+	}
+	return 0
 }
 
 func (x *NodeMeta) GetBootId() string {
@@ -1758,9 +1787,14 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\x0ecallback_token\x18\x06 \x01(\tR\rcallbackToken\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"9\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xdb\x01\n" +
 	"\x14StartSessionResponse\x12!\n" +
-	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"b\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12D\n" +
+	"\x04warm\x18\x02 \x03(\v20.sandbox.agent.v1.StartSessionResponse.WarmEntryR\x04warm\x12!\n" +
+	"\fwarm_version\x18\x03 \x01(\x04R\vwarmVersion\x1a7\n" +
+	"\tWarmEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"b\n" +
 	"\x12StopSessionRequest\x12-\n" +
 	"\x05fence\x18\x02 \x01(\v2\x17.sandbox.agent.v1.FenceR\x05fence\x12\x1d\n" +
 	"\n" +
@@ -1819,7 +1853,7 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\thas_state\x18\x02 \x01(\bR\bhasState\">\n" +
 	"\x10AddServerRequest\x12*\n" +
 	"\x06server\x18\x01 \x01(\v2\x12.sandbox.v1.ServerR\x06server\"\x13\n" +
-	"\x11AddServerResponse\"\x86\x04\n" +
+	"\x11AddServerResponse\"\xa9\x04\n" +
 	"\bNodeMeta\x123\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x1f.sandbox.agent.v1.NodeMeta.RoleR\x04role\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x18\n" +
@@ -1834,7 +1868,8 @@ const file_sandbox_agent_v1_agent_proto_rawDesc = "" +
 	"\x0ffree_cpu_millis\x18\b \x01(\x05R\rfreeCpuMillis\x12&\n" +
 	"\x0ffree_memory_mib\x18\t \x01(\x03R\rfreeMemoryMib\x128\n" +
 	"\x04warm\x18\n" +
-	" \x03(\v2$.sandbox.agent.v1.NodeMeta.WarmEntryR\x04warm\x12\x17\n" +
+	" \x03(\v2$.sandbox.agent.v1.NodeMeta.WarmEntryR\x04warm\x12!\n" +
+	"\fwarm_version\x18\f \x01(\x04R\vwarmVersion\x12\x17\n" +
 	"\aboot_id\x18\v \x01(\tR\x06bootId\x1a7\n" +
 	"\tWarmEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -1911,7 +1946,7 @@ func file_sandbox_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_sandbox_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_sandbox_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_sandbox_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_sandbox_agent_v1_agent_proto_goTypes = []any{
 	(ReportKind)(0),                   // 0: sandbox.agent.v1.ReportKind
 	(NodeMeta_Role)(0),                // 1: sandbox.agent.v1.NodeMeta.Role
@@ -1944,63 +1979,65 @@ var file_sandbox_agent_v1_agent_proto_goTypes = []any{
 	(*ReportSessionExitRequest)(nil),  // 28: sandbox.agent.v1.ReportSessionExitRequest
 	(*ReportSessionExitResponse)(nil), // 29: sandbox.agent.v1.ReportSessionExitResponse
 	nil,                               // 30: sandbox.agent.v1.StartSessionRequest.EnvEntry
-	nil,                               // 31: sandbox.agent.v1.ExecuteRequest.EnvEntry
-	nil,                               // 32: sandbox.agent.v1.NodeMeta.WarmEntry
-	(*v1.ResourceLimits)(nil),         // 33: sandbox.v1.ResourceLimits
-	(*v1.Artifact)(nil),               // 34: sandbox.v1.Artifact
-	(*v1.Server)(nil),                 // 35: sandbox.v1.Server
-	(v1.ExecutionState)(0),            // 36: sandbox.v1.ExecutionState
+	nil,                               // 31: sandbox.agent.v1.StartSessionResponse.WarmEntry
+	nil,                               // 32: sandbox.agent.v1.ExecuteRequest.EnvEntry
+	nil,                               // 33: sandbox.agent.v1.NodeMeta.WarmEntry
+	(*v1.ResourceLimits)(nil),         // 34: sandbox.v1.ResourceLimits
+	(*v1.Artifact)(nil),               // 35: sandbox.v1.Artifact
+	(*v1.Server)(nil),                 // 36: sandbox.v1.Server
+	(v1.ExecutionState)(0),            // 37: sandbox.v1.ExecutionState
 }
 var file_sandbox_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: sandbox.agent.v1.StartSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
-	33, // 1: sandbox.agent.v1.StartSessionRequest.limits:type_name -> sandbox.v1.ResourceLimits
+	34, // 1: sandbox.agent.v1.StartSessionRequest.limits:type_name -> sandbox.v1.ResourceLimits
 	30, // 2: sandbox.agent.v1.StartSessionRequest.env:type_name -> sandbox.agent.v1.StartSessionRequest.EnvEntry
-	2,  // 3: sandbox.agent.v1.StopSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
-	2,  // 4: sandbox.agent.v1.ExecuteRequest.fence:type_name -> sandbox.agent.v1.Fence
-	31, // 5: sandbox.agent.v1.ExecuteRequest.env:type_name -> sandbox.agent.v1.ExecuteRequest.EnvEntry
-	2,  // 6: sandbox.agent.v1.CancelExecutionRequest.fence:type_name -> sandbox.agent.v1.Fence
-	34, // 7: sandbox.agent.v1.DownloadArtifactResponse.artifact:type_name -> sandbox.v1.Artifact
-	2,  // 8: sandbox.agent.v1.ListContainersRequest.fence:type_name -> sandbox.agent.v1.Fence
-	14, // 9: sandbox.agent.v1.ListContainersResponse.containers:type_name -> sandbox.agent.v1.Container
-	33, // 10: sandbox.agent.v1.WarmPoolTarget.limits:type_name -> sandbox.v1.ResourceLimits
-	2,  // 11: sandbox.agent.v1.SetWarmPoolsRequest.fence:type_name -> sandbox.agent.v1.Fence
-	16, // 12: sandbox.agent.v1.SetWarmPoolsRequest.pools:type_name -> sandbox.agent.v1.WarmPoolTarget
-	35, // 13: sandbox.agent.v1.GetServerInfoResponse.server:type_name -> sandbox.v1.Server
-	35, // 14: sandbox.agent.v1.AddServerRequest.server:type_name -> sandbox.v1.Server
-	1,  // 15: sandbox.agent.v1.NodeMeta.role:type_name -> sandbox.agent.v1.NodeMeta.Role
-	32, // 16: sandbox.agent.v1.NodeMeta.warm:type_name -> sandbox.agent.v1.NodeMeta.WarmEntry
-	0,  // 17: sandbox.agent.v1.ReportExecutionRequest.kind:type_name -> sandbox.agent.v1.ReportKind
-	36, // 18: sandbox.agent.v1.ReportExecutionRequest.state:type_name -> sandbox.v1.ExecutionState
-	34, // 19: sandbox.agent.v1.ReportExecutionRequest.artifacts:type_name -> sandbox.v1.Artifact
-	3,  // 20: sandbox.agent.v1.AgentService.StartSession:input_type -> sandbox.agent.v1.StartSessionRequest
-	5,  // 21: sandbox.agent.v1.AgentService.StopSession:input_type -> sandbox.agent.v1.StopSessionRequest
-	7,  // 22: sandbox.agent.v1.AgentService.Execute:input_type -> sandbox.agent.v1.ExecuteRequest
-	9,  // 23: sandbox.agent.v1.AgentService.CancelExecution:input_type -> sandbox.agent.v1.CancelExecutionRequest
-	11, // 24: sandbox.agent.v1.AgentService.DownloadArtifact:input_type -> sandbox.agent.v1.DownloadArtifactRequest
-	13, // 25: sandbox.agent.v1.AgentService.ListContainers:input_type -> sandbox.agent.v1.ListContainersRequest
-	17, // 26: sandbox.agent.v1.AgentService.SetWarmPools:input_type -> sandbox.agent.v1.SetWarmPoolsRequest
-	24, // 27: sandbox.agent.v1.ControlPlaneService.RegisterAgent:input_type -> sandbox.agent.v1.RegisterAgentRequest
-	26, // 28: sandbox.agent.v1.ControlPlaneService.ReportExecution:input_type -> sandbox.agent.v1.ReportExecutionRequest
-	28, // 29: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:input_type -> sandbox.agent.v1.ReportSessionExitRequest
-	19, // 30: sandbox.agent.v1.ControlPlaneService.GetServerInfo:input_type -> sandbox.agent.v1.GetServerInfoRequest
-	21, // 31: sandbox.agent.v1.ControlPlaneService.AddServer:input_type -> sandbox.agent.v1.AddServerRequest
-	4,  // 32: sandbox.agent.v1.AgentService.StartSession:output_type -> sandbox.agent.v1.StartSessionResponse
-	6,  // 33: sandbox.agent.v1.AgentService.StopSession:output_type -> sandbox.agent.v1.StopSessionResponse
-	8,  // 34: sandbox.agent.v1.AgentService.Execute:output_type -> sandbox.agent.v1.ExecuteResponse
-	10, // 35: sandbox.agent.v1.AgentService.CancelExecution:output_type -> sandbox.agent.v1.CancelExecutionResponse
-	12, // 36: sandbox.agent.v1.AgentService.DownloadArtifact:output_type -> sandbox.agent.v1.DownloadArtifactResponse
-	15, // 37: sandbox.agent.v1.AgentService.ListContainers:output_type -> sandbox.agent.v1.ListContainersResponse
-	18, // 38: sandbox.agent.v1.AgentService.SetWarmPools:output_type -> sandbox.agent.v1.SetWarmPoolsResponse
-	25, // 39: sandbox.agent.v1.ControlPlaneService.RegisterAgent:output_type -> sandbox.agent.v1.RegisterAgentResponse
-	27, // 40: sandbox.agent.v1.ControlPlaneService.ReportExecution:output_type -> sandbox.agent.v1.ReportExecutionResponse
-	29, // 41: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:output_type -> sandbox.agent.v1.ReportSessionExitResponse
-	20, // 42: sandbox.agent.v1.ControlPlaneService.GetServerInfo:output_type -> sandbox.agent.v1.GetServerInfoResponse
-	22, // 43: sandbox.agent.v1.ControlPlaneService.AddServer:output_type -> sandbox.agent.v1.AddServerResponse
-	32, // [32:44] is the sub-list for method output_type
-	20, // [20:32] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	31, // 3: sandbox.agent.v1.StartSessionResponse.warm:type_name -> sandbox.agent.v1.StartSessionResponse.WarmEntry
+	2,  // 4: sandbox.agent.v1.StopSessionRequest.fence:type_name -> sandbox.agent.v1.Fence
+	2,  // 5: sandbox.agent.v1.ExecuteRequest.fence:type_name -> sandbox.agent.v1.Fence
+	32, // 6: sandbox.agent.v1.ExecuteRequest.env:type_name -> sandbox.agent.v1.ExecuteRequest.EnvEntry
+	2,  // 7: sandbox.agent.v1.CancelExecutionRequest.fence:type_name -> sandbox.agent.v1.Fence
+	35, // 8: sandbox.agent.v1.DownloadArtifactResponse.artifact:type_name -> sandbox.v1.Artifact
+	2,  // 9: sandbox.agent.v1.ListContainersRequest.fence:type_name -> sandbox.agent.v1.Fence
+	14, // 10: sandbox.agent.v1.ListContainersResponse.containers:type_name -> sandbox.agent.v1.Container
+	34, // 11: sandbox.agent.v1.WarmPoolTarget.limits:type_name -> sandbox.v1.ResourceLimits
+	2,  // 12: sandbox.agent.v1.SetWarmPoolsRequest.fence:type_name -> sandbox.agent.v1.Fence
+	16, // 13: sandbox.agent.v1.SetWarmPoolsRequest.pools:type_name -> sandbox.agent.v1.WarmPoolTarget
+	36, // 14: sandbox.agent.v1.GetServerInfoResponse.server:type_name -> sandbox.v1.Server
+	36, // 15: sandbox.agent.v1.AddServerRequest.server:type_name -> sandbox.v1.Server
+	1,  // 16: sandbox.agent.v1.NodeMeta.role:type_name -> sandbox.agent.v1.NodeMeta.Role
+	33, // 17: sandbox.agent.v1.NodeMeta.warm:type_name -> sandbox.agent.v1.NodeMeta.WarmEntry
+	0,  // 18: sandbox.agent.v1.ReportExecutionRequest.kind:type_name -> sandbox.agent.v1.ReportKind
+	37, // 19: sandbox.agent.v1.ReportExecutionRequest.state:type_name -> sandbox.v1.ExecutionState
+	35, // 20: sandbox.agent.v1.ReportExecutionRequest.artifacts:type_name -> sandbox.v1.Artifact
+	3,  // 21: sandbox.agent.v1.AgentService.StartSession:input_type -> sandbox.agent.v1.StartSessionRequest
+	5,  // 22: sandbox.agent.v1.AgentService.StopSession:input_type -> sandbox.agent.v1.StopSessionRequest
+	7,  // 23: sandbox.agent.v1.AgentService.Execute:input_type -> sandbox.agent.v1.ExecuteRequest
+	9,  // 24: sandbox.agent.v1.AgentService.CancelExecution:input_type -> sandbox.agent.v1.CancelExecutionRequest
+	11, // 25: sandbox.agent.v1.AgentService.DownloadArtifact:input_type -> sandbox.agent.v1.DownloadArtifactRequest
+	13, // 26: sandbox.agent.v1.AgentService.ListContainers:input_type -> sandbox.agent.v1.ListContainersRequest
+	17, // 27: sandbox.agent.v1.AgentService.SetWarmPools:input_type -> sandbox.agent.v1.SetWarmPoolsRequest
+	24, // 28: sandbox.agent.v1.ControlPlaneService.RegisterAgent:input_type -> sandbox.agent.v1.RegisterAgentRequest
+	26, // 29: sandbox.agent.v1.ControlPlaneService.ReportExecution:input_type -> sandbox.agent.v1.ReportExecutionRequest
+	28, // 30: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:input_type -> sandbox.agent.v1.ReportSessionExitRequest
+	19, // 31: sandbox.agent.v1.ControlPlaneService.GetServerInfo:input_type -> sandbox.agent.v1.GetServerInfoRequest
+	21, // 32: sandbox.agent.v1.ControlPlaneService.AddServer:input_type -> sandbox.agent.v1.AddServerRequest
+	4,  // 33: sandbox.agent.v1.AgentService.StartSession:output_type -> sandbox.agent.v1.StartSessionResponse
+	6,  // 34: sandbox.agent.v1.AgentService.StopSession:output_type -> sandbox.agent.v1.StopSessionResponse
+	8,  // 35: sandbox.agent.v1.AgentService.Execute:output_type -> sandbox.agent.v1.ExecuteResponse
+	10, // 36: sandbox.agent.v1.AgentService.CancelExecution:output_type -> sandbox.agent.v1.CancelExecutionResponse
+	12, // 37: sandbox.agent.v1.AgentService.DownloadArtifact:output_type -> sandbox.agent.v1.DownloadArtifactResponse
+	15, // 38: sandbox.agent.v1.AgentService.ListContainers:output_type -> sandbox.agent.v1.ListContainersResponse
+	18, // 39: sandbox.agent.v1.AgentService.SetWarmPools:output_type -> sandbox.agent.v1.SetWarmPoolsResponse
+	25, // 40: sandbox.agent.v1.ControlPlaneService.RegisterAgent:output_type -> sandbox.agent.v1.RegisterAgentResponse
+	27, // 41: sandbox.agent.v1.ControlPlaneService.ReportExecution:output_type -> sandbox.agent.v1.ReportExecutionResponse
+	29, // 42: sandbox.agent.v1.ControlPlaneService.ReportSessionExit:output_type -> sandbox.agent.v1.ReportSessionExitResponse
+	20, // 43: sandbox.agent.v1.ControlPlaneService.GetServerInfo:output_type -> sandbox.agent.v1.GetServerInfoResponse
+	22, // 44: sandbox.agent.v1.ControlPlaneService.AddServer:output_type -> sandbox.agent.v1.AddServerResponse
+	33, // [33:45] is the sub-list for method output_type
+	21, // [21:33] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_sandbox_agent_v1_agent_proto_init() }
@@ -2014,7 +2051,7 @@ func file_sandbox_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sandbox_agent_v1_agent_proto_rawDesc), len(file_sandbox_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
