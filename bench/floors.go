@@ -18,6 +18,8 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/sandboxhq/sandbox/executor"
 	"golang.org/x/sys/unix"
 )
 
@@ -123,34 +125,17 @@ func interpreterPath(rootfs, program string) (string, error) {
 	return "", fmt.Errorf("%s is not in the image at %s", program, rootfs)
 }
 
-// floorPath and floorEnv are the executor's base environment (see
-// executor/process.go: baseEnv).
-const floorPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+// floorEnv is the executor's base environment, floorPath its PATH.
+var (
+	floorEnv  = executor.BaseEnv()
+	floorPath = floorEnv["PATH"]
+)
 
-var floorEnv = map[string]string{"PATH": floorPath, "HOME": "/workspace", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
-
-// bwrapFloorArgs is the executor's bubblewrap command line (executor/process.go:
-// bwrapArgs), with the template's root filesystem bound at / in place of the
-// container's own root. Keep the two in step.
+// bwrapFloorArgs is the executor's own bubblewrap command line
+// (executor.BwrapArgs), with the image's root filesystem as the root and
+// host directories as the workspace and /tmp.
 func bwrapFloorArgs(rootfs, workspace, tmp, interp, codeFile string) []string {
-	codePath := "/run/code/" + codeFile
-	args := []string{
-		"--unshare-all", "--unshare-user", "--disable-userns",
-		"--die-with-parent", "--new-session", "--clearenv",
-		"--ro-bind", rootfs, "/",
-		"--proc", "/proc",
-		"--dev", "/dev",
-		"--bind", workspace, "/workspace",
-		"--bind", tmp, "/tmp",
-		"--tmpfs", "/run",
-		"--ro-bind-data", "3", codePath,
-		"--hostname", "sandbox",
-		"--chdir", "/workspace",
-	}
-	for _, k := range slices.Sorted(maps.Keys(floorEnv)) {
-		args = append(args, "--setenv", k, floorEnv[k])
-	}
-	return append(args, "--", interp, codePath)
+	return executor.BwrapArgs(executor.BwrapMounts{Root: rootfs, Workspace: workspace, Tmp: tmp}, interp, codeFile, floorEnv)
 }
 
 // floorLang is one interpreter a floor runs: in which image, with which file.

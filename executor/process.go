@@ -53,7 +53,11 @@ var interpreters = map[string]interpreter{
 
 // baseEnv is the environment every execution starts from; the session's env
 // and then the execution's env are laid over it.
-func baseEnv() map[string]string {
+func baseEnv() map[string]string { return BaseEnv() }
+
+// BaseEnv is the environment every execution starts from (exported for the
+// benchmark's floors, which run the executor's sandbox).
+func BaseEnv() map[string]string {
 	return map[string]string{
 		"PATH":             basePath,
 		"HOME":             sandboxWorkspace,
@@ -85,11 +89,25 @@ type processSpec struct {
 	Stdout, Stderr io.Writer
 }
 
-// bwrapArgs is bubblewrap's command line for an interpreter (an absolute
-// path) running the code file. Mounts apply in order, so each later one
-// covers what an earlier one put at that path: the root goes first, then
-// /proc, /dev, the workspace, /tmp, the /run tmpfs and the code file on it.
+// bwrapArgs is bubblewrap's command line for an interpreter in the
+// executor's container: its root filesystem and /tmp, the given workspace.
 func bwrapArgs(workspace, interpreterPath, codeFile string, env map[string]string) []string {
+	return BwrapArgs(BwrapMounts{Root: "/", Workspace: workspace, Tmp: "/tmp"}, interpreterPath, codeFile, env)
+}
+
+// BwrapMounts are the host paths a sandbox's root filesystem, workspace and
+// /tmp come from.
+type BwrapMounts struct {
+	Root, Workspace, Tmp string
+}
+
+// BwrapArgs is bubblewrap's command line for an interpreter (an absolute
+// path in the sandbox) running the code file, which bubblewrap reads from
+// file descriptor 3. Mounts apply in order, so each later one covers what an
+// earlier one put at that path: the root goes first, then /proc, /dev, the
+// workspace, /tmp, the /run tmpfs and the code file on it. It is exported so
+// that the benchmark's floor runs exactly the executor's sandbox.
+func BwrapArgs(m BwrapMounts, interpreterPath, codeFile string, env map[string]string) []string {
 	codePath := sandboxCodeDir + "/" + codeFile
 	args := []string{
 		"--unshare-all",
@@ -97,11 +115,11 @@ func bwrapArgs(workspace, interpreterPath, codeFile string, env map[string]strin
 		// that --disable-userns can stop user code from making nested ones.
 		"--unshare-user", "--disable-userns",
 		"--die-with-parent", "--new-session", "--clearenv",
-		"--ro-bind", "/", "/",
+		"--ro-bind", m.Root, "/",
 		"--proc", "/proc",
 		"--dev", "/dev",
-		"--bind", workspace, sandboxWorkspace,
-		"--bind", "/tmp", "/tmp",
+		"--bind", m.Workspace, sandboxWorkspace,
+		"--bind", m.Tmp, "/tmp",
 		"--tmpfs", sandboxRun,
 		"--ro-bind-data", fmt.Sprint(codeFD), codePath,
 		"--hostname", "sandbox",
