@@ -135,6 +135,9 @@ func (s *Scheduler) reconcileAgent(ctx context.Context, a *statev1.Agent) error 
 			if cur, ok := s.fsm.Session(sess.GetId()); c == nil && (!ok || cur.GetState() != sandboxv1.SessionState_SESSION_STATE_RUNNING) {
 				continue // it moved on (a termination) since it was read
 			}
+			if c == nil && s.isStarting(sess.GetId()) {
+				continue // a warm start of this server's, committed before its claim
+			}
 			if c == nil {
 				reason := "its container is gone from agent " + a.GetId()
 				s.log.Warn("session lost", "session", sess.GetId(), "agent", a.GetId())

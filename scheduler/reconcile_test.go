@@ -33,6 +33,8 @@ type fakeAgent struct {
 	executed []string
 	fences   []uint64
 	pools    [][]*agentv1.WarmPoolTarget
+	// startErr, when set, fails StartSession.
+	startErr error
 }
 
 func (f *fakeAgent) SetWarmPools(_ context.Context, req *connect.Request[agentv1.SetWarmPoolsRequest]) (*connect.Response[agentv1.SetWarmPoolsResponse], error) {
@@ -52,7 +54,11 @@ func (f *fakeAgent) ListContainers(_ context.Context, req *connect.Request[agent
 func (f *fakeAgent) StartSession(_ context.Context, req *connect.Request[agentv1.StartSessionRequest]) (*connect.Response[agentv1.StartSessionResponse], error) {
 	f.mu.Lock()
 	f.started = append(f.started, req.Msg.GetSessionId())
+	err := f.startErr
 	f.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
 	return connect.NewResponse(&agentv1.StartSessionResponse{ContainerId: "c-" + req.Msg.GetSessionId()}), nil
 }
 

@@ -113,6 +113,9 @@ type Scheduler struct {
 	mu sync.Mutex
 	// heartbeats records when each running execution last showed life.
 	heartbeats map[string]time.Time
+	// containerIDs are the containers of warm starts not recorded yet, by
+	// session id (see createWarm).
+	containerIDs map[string]string
 	// oneShots are the executions handed over and not yet recorded (see oneshot.go).
 	oneShots map[string]*oneShot
 	// warmSent is what this leader last told each agent about warm pools.
@@ -143,19 +146,20 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		cfg.Logger = slog.Default()
 	}
 	s := &Scheduler{
-		cfg:        cfg,
-		fsm:        f,
-		raft:       r,
-		agents:     newAgentPool(cfg.ClusterToken),
-		log:        cfg.Logger,
-		heartbeats: make(map[string]time.Time),
-		warmSent:   make(map[string]warmSent),
-		oneShots:   make(map[string]*oneShot),
-		agentSeen:  make(map[string]time.Time),
-		proxies:    make(map[string]*httputil.ReverseProxy),
-		agentDown:  make(map[string]time.Time),
-		starting:   make(map[string]bool),
-		started:    time.Now(),
+		cfg:          cfg,
+		fsm:          f,
+		raft:         r,
+		agents:       newAgentPool(cfg.ClusterToken),
+		log:          cfg.Logger,
+		heartbeats:   make(map[string]time.Time),
+		warmSent:     make(map[string]warmSent),
+		oneShots:     make(map[string]*oneShot),
+		containerIDs: make(map[string]string),
+		agentSeen:    make(map[string]time.Time),
+		proxies:      make(map[string]*httputil.ReverseProxy),
+		agentDown:    make(map[string]time.Time),
+		starting:     make(map[string]bool),
+		started:      time.Now(),
 	}
 	if s.cfg.Self == nil {
 		s.cfg.Self = &sandboxv1.Server{Id: "local"}
@@ -211,6 +215,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		}
 		s.housekeep(ctx, now)
 		s.expireOneShots(now)
+		s.flushContainerIDs(ctx)
 		s.syncWarmPools(ctx, now)
 		if now.Sub(lastReconcile) >= s.cfg.ReconcileInterval {
 			s.reconcileAll(ctx)

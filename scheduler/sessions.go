@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -134,7 +135,21 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 			s.log.Warn("stopping a warm start that was not committed", "session", sess.GetId(), "agent", agent.GetId(), "why", why, "err", err)
 		}
 	}
-	start, err := client.StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
+	// The commit and the claim run side by side: the call costs the longer
+	// of the two, not their sum. The session is RUNNING in the replicated
+	// state a moment before its container is claimed; nobody knows its id
+	// until the call returns, and reconciliation leaves a start in progress
+	// alone. A claim that fails turns it FAILED.
+	type committed struct {
+		resp any
+		err  error
+	}
+	commit := make(chan committed, 1)
+	go func() {
+		resp, err := s.raft.Apply(bg, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: spec.IdempotencyKey})
+		commit <- committed{resp, err}
+	}()
+	start, startErr := client.StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
 		Fence:         s.fence(),
 		SessionId:     sess.GetId(),
 		TemplateId:    tmpl.GetId(),
@@ -143,28 +158,65 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 		Env:           sess.GetEnv(),
 		CallbackToken: newToken(),
 	}))
-	if err != nil {
-		s.log.Warn("warm start failed; starting the session the ordinary way", "session", sess.GetId(), "agent", agent.GetId(), "err", err)
-		stop("its start failed")
-		return nil, false, nil
+	if startErr == nil {
+		s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
 	}
-	sess.ContainerId = start.Msg.GetContainerId()
-	s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
-	resp, err := s.raft.Apply(bg, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: spec.IdempotencyKey})
-	switch ex, existing := resp.(fsm.Existing); {
-	case err == nil && existing:
+	c := <-commit
+	switch ex, existing := c.resp.(fsm.Existing); {
+	case c.err == nil && existing:
 		stop("an earlier request with its idempotency key created a session")
 		out, err := s.awaitSession(ctx, ex.ID)
 		return out, true, err
-	case errors.Is(err, sandbox.ErrResourceExhausted):
+	case errors.Is(c.err, sandbox.ErrResourceExhausted):
 		stop("the agent's room was taken meanwhile")
 		return nil, false, nil
-	case err != nil:
+	case c.err != nil:
 		stop("its commit failed")
-		return nil, true, err
+		return nil, true, c.err
+	case startErr != nil:
+		reason := fmt.Sprintf("container failed to start on agent %s: %v", agent.GetId(), startErr)
+		s.log.Warn("session failed to start", "session", sess.GetId(), "agent", agent.GetId(), "err", startErr)
+		stop("its start failed")
+		if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+			SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
+		}); err != nil {
+			return nil, true, err
+		}
+		return nil, true, fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
 	}
+	// The container's id is recorded later, off the call's path (see
+	// flushContainerIDs); until then this leader answers with it.
+	s.mu.Lock()
+	s.containerIDs[sess.GetId()] = start.Msg.GetContainerId()
+	s.mu.Unlock()
 	out, err := s.GetSession(ctx, sess.GetId())
 	return out, true, err
+}
+
+// flushContainerIDs records the containers of warm starts (one commit each,
+// batched by Raft), leaving out sessions that ended meanwhile.
+func (s *Scheduler) flushContainerIDs(ctx context.Context) {
+	s.mu.Lock()
+	pending := s.containerIDs
+	s.containerIDs = make(map[string]string)
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for id, cid := range pending {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := s.apply(ctx, fsm.UpdateSessionType, &statev1.UpdateSession{
+				SessionId: id, State: sandboxv1.SessionState_SESSION_STATE_RUNNING, ContainerId: cid, At: timestamppb.Now(),
+			})
+			if err := ignoreStale(err); err != nil && !errors.Is(err, sandbox.ErrNotFound) {
+				s.log.Warn("recording a warm session's container", "session", id, "container", cid, "err", err)
+				s.mu.Lock()
+				s.containerIDs[id] = cid // again at the next sweep
+				s.mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // startOnAgent has the agent start a STARTING session's container and
@@ -242,6 +294,14 @@ func (s *Scheduler) GetSession(_ context.Context, id string) (*sandboxv1.Session
 	sess, ok := s.fsm.Session(id)
 	if !ok {
 		return nil, fmt.Errorf("%w: session %q does not exist", sandbox.ErrNotFound, id)
+	}
+	if sess.GetContainerId() == "" {
+		s.mu.Lock()
+		cid := s.containerIDs[id]
+		s.mu.Unlock()
+		if cid != "" {
+			sess.ContainerId = cid // a copy: the FSM hands out clones
+		}
 	}
 	return sess, nil
 }

@@ -2,9 +2,13 @@ package scheduler
 
 import (
 	"context"
+	"errors"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/sandboxhq/sandbox"
@@ -196,11 +200,42 @@ func TestWarmPicksSpreadAndVersions(t *testing.T) {
 	} else {
 		release()
 	}
-	// A restarted agent starts counting again.
+	// A restarted agent starts counting again (and a2's pool is empty now).
+	s.noteWarm("a2", "", 9, map[string]int32{})
 	s.noteWarm("a1", "b2", 1, map[string]int32{"python-basic": 9})
 	if a, release, warm, _ := s.placeWarm(l, "python-basic"); !warm || a.GetId() != "a1" {
 		t.Errorf("after a1 restarted with 9 ready: picked %s warm %v, want a1", a.GetId(), warm)
 	} else {
 		release()
+	}
+}
+
+// TestWarmStartFailure: a warm start whose claim fails after its commit
+// ends FAILED with the reason, its container stopped, and the call fails
+// unavailable.
+func TestWarmStartFailure(t *testing.T) {
+	s, f := newTestScheduler(t)
+	ctx := context.Background()
+	agent := &fakeAgent{startErr: connect.NewError(connect.CodeInternal, errors.New("no room in the runtime"))}
+	addr := serveFakeAgent(t, agent)
+	if err := s.apply(ctx, fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+		Id: "a1", Address: addr, CpuMillis: 8000, MemoryMib: 8192, BootId: "b1", RegisteredAt: timestamppb.Now(),
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{}})
+	s.noteWarm("a1", "b1", 1, map[string]int32{"python-basic": 5})
+	_, err := s.CreateSession(ctx, &sandboxv1.CreateSessionRequest{TemplateId: "python-basic"})
+	if !errors.Is(err, sandbox.ErrUnavailable) {
+		t.Fatalf("CreateSession = %v, want unavailable", err)
+	}
+	agent.mu.Lock()
+	started, stopped := slices.Clone(agent.started), slices.Clone(agent.stopped)
+	agent.mu.Unlock()
+	if len(started) != 1 || !slices.Equal(stopped, started) {
+		t.Fatalf("started %v, stopped %v: want the failed start stopped", started, stopped)
+	}
+	if sess, ok := f.Session(started[0]); !ok || sess.GetState() != sandboxv1.SessionState_SESSION_STATE_FAILED || !strings.Contains(sess.GetStateReason(), "no room") {
+		t.Fatalf("session after a failed warm start: %v", sess)
 	}
 }
