@@ -294,18 +294,26 @@ func floorBwrap(ctx context.Context, r *runner) error {
 	return nil
 }
 
+// templatePython is what the python floors and baselines share: the host
+// environment, the template image's root filesystem (mounted once; this
+// also checks the image is there) and the path of python3 in it.
+func (r *runner) templatePython(ctx context.Context) (h *hostEnv, root, interp string, err error) {
+	if h, err = r.hostEnv(); err != nil {
+		return nil, "", "", err
+	}
+	if root, err = h.rootfs(ctx, r.cfg.Template); err != nil {
+		return nil, "", "", err
+	}
+	if interp, err = interpreterPath(root, "python3"); err != nil {
+		return nil, "", "", err
+	}
+	return h, root, interp, nil
+}
+
 // floorPython measures the template's python3 -c 'print(1)' with nothing
 // around it: chrooted into the image as the sandbox user.
 func floorPython(ctx context.Context, r *runner) error {
-	h, err := r.hostEnv()
-	if err != nil {
-		return err
-	}
-	root, err := h.rootfs(ctx, r.cfg.Template)
-	if err != nil {
-		return err
-	}
-	interp, err := interpreterPath(root, "python3")
+	_, root, interp, err := r.templatePython(ctx)
 	if err != nil {
 		return err
 	}
@@ -374,15 +382,7 @@ func baselineRunc(ctx context.Context, r *runner) error {
 	if err != nil {
 		return fmt.Errorf("runc: %w", err)
 	}
-	h, err := r.hostEnv()
-	if err != nil {
-		return err
-	}
-	root, err := h.rootfs(ctx, r.cfg.Template)
-	if err != nil {
-		return err
-	}
-	interp, err := interpreterPath(root, "python3")
+	h, root, interp, err := r.templatePython(ctx)
 	if err != nil {
 		return err
 	}
@@ -419,15 +419,7 @@ func baselineCtr(ctx context.Context, r *runner) error {
 	if _, err := exec.LookPath("ctr"); err != nil {
 		return fmt.Errorf("ctr: %w", err)
 	}
-	h, err := r.hostEnv()
-	if err != nil {
-		return err
-	}
-	root, err := h.rootfs(ctx, r.cfg.Template) // checks the image is there
-	if err != nil {
-		return err
-	}
-	interp, err := interpreterPath(root, "python3")
+	h, _, interp, err := r.templatePython(ctx)
 	if err != nil {
 		return err
 	}
@@ -467,15 +459,7 @@ func baselineDocker(ctx context.Context, r *runner) error {
 	if out, err := exec.CommandContext(vctx, docker, "version", "--format", "{{.Server.Version}}").CombinedOutput(); err != nil {
 		return fmt.Errorf("%w: no Docker daemon answers: %s", errSkipped, firstLine(out))
 	}
-	h, err := r.hostEnv()
-	if err != nil {
-		return err
-	}
-	root, err := h.rootfs(ctx, r.cfg.Template)
-	if err != nil {
-		return err
-	}
-	interp, err := interpreterPath(root, "python3")
+	h, root, interp, err := r.templatePython(ctx)
 	if err != nil {
 		return err
 	}
