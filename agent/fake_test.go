@@ -52,8 +52,6 @@ type fakeContainer struct {
 	exitCh chan runtime.ExitResult
 	exited bool
 	code   int
-	// updates counts Update calls.
-	updates int
 }
 
 func newFakeRuntime(t *testing.T) *fakeRuntime {
@@ -176,7 +174,6 @@ func (f *fakeRuntime) Update(_ context.Context, id string, u runtime.Update) err
 	}
 	maps.Copy(labels, u.Labels)
 	c.spec.Labels = labels
-	c.updates++
 	return nil
 }
 

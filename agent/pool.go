@@ -137,13 +137,9 @@ func (p *pools) poke() {
 	}
 }
 
-// readyCounts is what the agent advertises: ready containers per template.
-func (p *pools) readyCounts() map[string]int32 {
-	counts, _ := p.counts()
-	return counts
-}
-
-// counts is readyCounts with the version of that count.
+// counts is what the agent advertises: containers per template that are
+// ready or claimed by a start not answered yet, with the version of that
+// count.
 func (p *pools) counts() (map[string]int32, uint64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()

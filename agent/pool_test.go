@@ -12,6 +12,12 @@ import (
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
 )
 
+// readyOf is what the agent advertises for its pools.
+func readyOf(ta *testAgent) map[string]int32 {
+	counts, _ := ta.pools.counts()
+	return counts
+}
+
 // runPoolsFor starts the agent's pool loop, as Run does.
 func (ta *testAgent) runPoolsFor(t *testing.T) {
 	t.Helper()
@@ -54,7 +60,7 @@ func TestWarmPoolClaimAndRefill(t *testing.T) {
 	if err := ta.setPools(t, pythonPool(2)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "two ready warm containers", func() bool { return ta.pools.readyCounts()["python-basic"] == 2 })
+	eventually(t, "two ready warm containers", func() bool { return readyOf(ta)["python-basic"] == 2 })
 	if got := len(ta.warmIDs()); got != 2 {
 		t.Fatalf("%d warm containers in the runtime, want 2", got)
 	}
@@ -92,7 +98,7 @@ func TestWarmPoolClaimAndRefill(t *testing.T) {
 		t.Fatalf("ListContainers = %v, want the claimed container for s1", cs)
 	}
 	// The pool refills behind the claim.
-	eventually(t, "the pool refilled", func() bool { return ta.pools.readyCounts()["python-basic"] == 2 })
+	eventually(t, "the pool refilled", func() bool { return readyOf(ta)["python-basic"] == 2 })
 
 	// A session whose disk limit differs cannot use a warm workspace: cold.
 	req := startReq("s2")
@@ -114,7 +120,7 @@ func TestWarmPoolClaimAndRefill(t *testing.T) {
 	if err := ta.setPools(t); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the pool emptied", func() bool { return len(ta.warmIDs()) == 0 && ta.pools.readyCounts()["python-basic"] == 0 })
+	eventually(t, "the pool emptied", func() bool { return len(ta.warmIDs()) == 0 && readyOf(ta)["python-basic"] == 0 })
 }
 
 func TestWarmContainerExitingInThePoolIsReplaced(t *testing.T) {
@@ -123,12 +129,12 @@ func TestWarmContainerExitingInThePoolIsReplaced(t *testing.T) {
 	if err := ta.setPools(t, pythonPool(1)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a ready warm container", func() bool { return len(ta.warmIDs()) == 1 && ta.pools.readyCounts()["python-basic"] == 1 })
+	eventually(t, "a ready warm container", func() bool { return len(ta.warmIDs()) == 1 && readyOf(ta)["python-basic"] == 1 })
 	first := ta.warmIDs()[0]
 	ta.rt.exit(first, 137)
 	eventually(t, "a replacement", func() bool {
 		ids := ta.warmIDs()
-		return len(ids) == 1 && ids[0] != first && ta.pools.readyCounts()["python-basic"] == 1
+		return len(ids) == 1 && ids[0] != first && readyOf(ta)["python-basic"] == 1
 	})
 	eventually(t, "the dead one destroyed", func() bool { return ta.rt.wasDestroyed(first) })
 }
