@@ -431,7 +431,11 @@ ensure_image() {
 		"$OCITAR" image "${args[@]}" -out "$archive" "$@" >/dev/null || die "writing $archive failed"
 		echo "$manifest" >"$archive.manifest"
 	fi
+	# One retry: an unpack can lose a race with containerd's garbage collector
+	# over a parent snapshot another image just stopped referencing ("parent
+	# snapshot ... does not exist"); the second unpack makes the chain anew.
 	ctr -a "$ADDR" -n "$NS" images import --snapshotter overlayfs "$archive" >>"$CACHE/logs/import.log" 2>&1 ||
+		{ log "import of $ref failed once; retrying"; sleep 1; ctr -a "$ADDR" -n "$NS" images import --snapshotter overlayfs "$archive" >>"$CACHE/logs/import.log" 2>&1; } ||
 		die "ctr images import $archive failed (see $CACHE/logs/import.log)"
 	current=$(ctr -a "$ADDR" -n "$NS" images ls "name==$ref" | awk 'NR > 1 { print $3 }')
 	[[ $current == "$manifest" ]] || die "after import, $ref in namespace $NS is ${current:-missing}, want $manifest"
