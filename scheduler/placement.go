@@ -351,17 +351,14 @@ type Placement struct {
 	Existing string
 }
 
-// PlaceSession is the part of creating a session before any agent is
-// called: it picks an agent (see place) and commits the session STARTING
-// there through Raft. Should the FSM refuse the commit because another
-// placement took the room first, it picks again, a bounded number of times.
-// Leader only: placement trusts this server's view of the committed state.
-func (s *Scheduler) PlaceSession(ctx context.Context, tmpl *sandboxv1.Template, limits sandbox.Limits, spec SessionSpec) (*Placement, error) {
+// newSession is the record of a new session of tmpl with limits and spec,
+// in state st, placed nowhere yet.
+func newSession(tmpl *sandboxv1.Template, limits sandbox.Limits, spec SessionSpec, st sandboxv1.SessionState) *sandboxv1.Session {
 	now := timestamppb.Now()
-	sess := &sandboxv1.Session{
+	return &sandboxv1.Session{
 		Id:                 newID("ses"),
 		TemplateId:         tmpl.GetId(),
-		State:              sandboxv1.SessionState_SESSION_STATE_STARTING,
+		State:              st,
 		CreatedAt:          now,
 		LastActiveAt:       now,
 		ResourceLimits:     limitsToProto(limits),
@@ -371,6 +368,15 @@ func (s *Scheduler) PlaceSession(ctx context.Context, tmpl *sandboxv1.Template, 
 		MaxLifetimeSeconds: int32(spec.MaxLifetime / time.Second),
 		Tenant:             spec.Tenant,
 	}
+}
+
+// PlaceSession is the part of creating a session before any agent is
+// called: it picks an agent (see place) and commits the session STARTING
+// there through Raft. Should the FSM refuse the commit because another
+// placement took the room first, it picks again, a bounded number of times.
+// Leader only: placement trusts this server's view of the committed state.
+func (s *Scheduler) PlaceSession(ctx context.Context, tmpl *sandboxv1.Template, limits sandbox.Limits, spec SessionSpec) (*Placement, error) {
+	sess := newSession(tmpl, limits, spec, sandboxv1.SessionState_SESSION_STATE_STARTING)
 	var err error
 	for attempt := 1; attempt <= maxPlaceAttempts; attempt++ {
 		agent, release, perr := s.place(limits, tmpl.GetId())

@@ -109,21 +109,8 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 		return nil, false, nil
 	}
 	defer release()
-	now := timestamppb.Now()
-	sess = &sandboxv1.Session{
-		Id:                 newID("ses"),
-		TemplateId:         tmpl.GetId(),
-		State:              sandboxv1.SessionState_SESSION_STATE_RUNNING,
-		AgentId:            agent.GetId(),
-		CreatedAt:          now,
-		LastActiveAt:       now,
-		ResourceLimits:     limitsToProto(limits),
-		Env:                spec.Env,
-		Labels:             spec.Labels,
-		IdleTimeoutSeconds: int32(spec.IdleTimeout / time.Second),
-		MaxLifetimeSeconds: int32(spec.MaxLifetime / time.Second),
-		Tenant:             spec.Tenant,
-	}
+	sess = newSession(tmpl, limits, spec, sandboxv1.SessionState_SESSION_STATE_RUNNING)
+	sess.AgentId = agent.GetId()
 	s.setStarting(sess.GetId(), true)
 	defer s.setStarting(sess.GetId(), false)
 	// Like the ordinary path, finish even if the client goes away.
@@ -149,15 +136,7 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 		resp, err := s.raft.Apply(bg, fsm.CreateSessionType, &statev1.CreateSession{Session: sess, IdempotencyKey: spec.IdempotencyKey})
 		commit <- committed{resp, err}
 	}()
-	start, startErr := client.StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
-		Fence:         s.fence(),
-		SessionId:     sess.GetId(),
-		TemplateId:    tmpl.GetId(),
-		Image:         tmpl.GetImage(),
-		Limits:        sess.GetResourceLimits(),
-		Env:           sess.GetEnv(),
-		CallbackToken: newToken(),
-	}))
+	start, startErr := client.StartSession(bg, connect.NewRequest(s.startRequest(tmpl, sess)))
 	if startErr == nil {
 		s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
 	}
@@ -174,15 +153,8 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 		stop("its commit failed")
 		return nil, true, c.err
 	case startErr != nil:
-		reason := fmt.Sprintf("container failed to start on agent %s: %v", agent.GetId(), startErr)
-		s.log.Warn("session failed to start", "session", sess.GetId(), "agent", agent.GetId(), "err", startErr)
 		stop("its start failed")
-		if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
-			SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
-		}); err != nil {
-			return nil, true, err
-		}
-		return nil, true, fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
+		return nil, true, s.failStart(bg, agent, sess, startErr)
 	}
 	// The container's id is recorded later, off the call's path (see
 	// flushContainerIDs); until then this leader answers with it.
@@ -228,7 +200,22 @@ func (s *Scheduler) startOnAgent(ctx context.Context, agent *statev1.Agent, tmpl
 	defer s.setStarting(sess.GetId(), false)
 	bg, cancel := context.WithTimeout(ctx, s.cfg.StartTimeout)
 	defer cancel()
-	start, startErr := s.agents.get(agent.GetAddress()).StartSession(bg, connect.NewRequest(&agentv1.StartSessionRequest{
+	start, startErr := s.agents.get(agent.GetAddress()).StartSession(bg, connect.NewRequest(s.startRequest(tmpl, sess)))
+	if startErr != nil {
+		_, _ = s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: sess.GetId()}))
+		return s.failStart(bg, agent, sess, startErr)
+	}
+	s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
+	return s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
+		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_RUNNING,
+		ContainerId: start.Msg.GetContainerId(), At: timestamppb.Now(),
+	})
+}
+
+// startRequest asks an agent to start (or claim a container for) a session
+// with a callback token made for it.
+func (s *Scheduler) startRequest(tmpl *sandboxv1.Template, sess *sandboxv1.Session) *agentv1.StartSessionRequest {
+	return &agentv1.StartSessionRequest{
 		Fence:         s.fence(),
 		SessionId:     sess.GetId(),
 		TemplateId:    tmpl.GetId(),
@@ -236,23 +223,20 @@ func (s *Scheduler) startOnAgent(ctx context.Context, agent *statev1.Agent, tmpl
 		Limits:        sess.GetResourceLimits(),
 		Env:           sess.GetEnv(),
 		CallbackToken: newToken(),
-	}))
-	if startErr != nil {
-		reason := fmt.Sprintf("container failed to start on agent %s: %v", agent.GetId(), startErr)
-		s.log.Warn("session failed to start", "session", sess.GetId(), "agent", agent.GetId(), "err", startErr)
-		_, _ = s.agents.get(agent.GetAddress()).StopSession(bg, connect.NewRequest(&agentv1.StopSessionRequest{Fence: s.fence(), SessionId: sess.GetId()}))
-		if err := s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
-			SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
-		}); err != nil {
-			return err
-		}
-		return fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
 	}
-	s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
-	return s.apply(bg, fsm.UpdateSessionType, &statev1.UpdateSession{
-		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_RUNNING,
-		ContainerId: start.Msg.GetContainerId(), At: timestamppb.Now(),
-	})
+}
+
+// failStart commits a session whose container did not start FAILED with the
+// reason and returns the error the caller answers with (unavailable).
+func (s *Scheduler) failStart(ctx context.Context, agent *statev1.Agent, sess *sandboxv1.Session, startErr error) error {
+	reason := fmt.Sprintf("container failed to start on agent %s: %v", agent.GetId(), startErr)
+	s.log.Warn("session failed to start", "session", sess.GetId(), "agent", agent.GetId(), "err", startErr)
+	if err := s.apply(ctx, fsm.UpdateSessionType, &statev1.UpdateSession{
+		SessionId: sess.GetId(), State: sandboxv1.SessionState_SESSION_STATE_FAILED, Reason: reason, At: timestamppb.Now(),
+	}); err != nil {
+		return err
+	}
+	return fmt.Errorf("%w: session %s: %s", sandbox.ErrUnavailable, sess.GetId(), reason)
 }
 
 // awaitSession returns a session created by an earlier request with the same
