@@ -22,6 +22,7 @@ import (
 
 	"github.com/sandboxhq/sandbox/agent"
 	"github.com/sandboxhq/sandbox/agent/runtime/containerd"
+	"github.com/sandboxhq/sandbox/internal/debugserver"
 	"github.com/sandboxhq/sandbox/internal/membership"
 )
 
@@ -48,6 +49,7 @@ func run() error {
 		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of servers; empty: no gossip (servers then only see registrations)")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error (also passed to executors)")
 		warmConcurrency  = flag.Int("warm-concurrency", 2, "warm containers started at once when the warm pools refill")
+		pprofAddr        = flag.String("pprof-addr", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; empty: off")
 	)
 	flag.Parse()
 
@@ -119,6 +121,9 @@ func run() error {
 		}
 		g.SecretKey = membership.KeyFromToken(token)
 		cfg.Gossip = &g
+	}
+	if err := debugserver.Start(ctx, *pprofAddr, logger); err != nil {
+		return err
 	}
 	a, err := agent.New(cfg)
 	if err != nil {

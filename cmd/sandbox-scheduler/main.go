@@ -24,6 +24,7 @@ import (
 	"github.com/sandboxhq/sandbox/api"
 	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
+	"github.com/sandboxhq/sandbox/internal/debugserver"
 	"github.com/sandboxhq/sandbox/internal/membership"
 	"github.com/sandboxhq/sandbox/scheduler"
 	"github.com/sandboxhq/sandbox/scheduler/fsm"
@@ -56,6 +57,7 @@ func run() error {
 		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7500", "gossip (memberlist) bind address; agents join it")
 		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of other servers")
 		maxLifetime      = flag.Duration("default-max-lifetime", scheduler.DefaultConfig().DefaultMaxLifetime, "maximum lifetime of sessions that ask for none")
+		pprofAddr        = flag.String("pprof-addr", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; empty: off")
 	)
 	flag.Parse()
 
@@ -80,6 +82,9 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if err := debugserver.Start(ctx, *pprofAddr, logger); err != nil {
+		return err
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

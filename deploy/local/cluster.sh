@@ -8,6 +8,8 @@
 #   s2      127.0.0.1:7410  127.0.0.1:7411  127.0.0.1:7310  127.0.0.1:7510
 #   s3      127.0.0.1:7420  127.0.0.1:7421  127.0.0.1:7320  127.0.0.1:7520
 #   agent   a1 on 127.0.0.1:7402 (gossip 7502), a2 on 127.0.0.1:7412 (gossip 7512)
+#   Go profiles (go tool pprof http://127.0.0.1:PORT/debug/pprof/profile):
+#   s1..s3 on 6061..6063, a1 and a2 on 6071 and 6072
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -29,14 +31,16 @@ for i in 1 2 3; do
 	start "sandbox-scheduler-s$i" bin/sandbox-scheduler --id "s$i" --data-dir "$C/s$i" \
 		--api-addr "127.0.0.1:$port" --internal-addr "127.0.0.1:$((port + 1))" --raft-addr "127.0.0.1:$((port - 100))" \
 		--gossip-addr "127.0.0.1:$((port + 100))" --bootstrap-expect 3 --join "$peers" --gossip-join "$gossip" \
-		--api-keys-file "$STATE/api-keys" --cluster-token-file "$STATE/cluster-token"
+		--api-keys-file "$STATE/api-keys" --cluster-token-file "$STATE/cluster-token" \
+		--pprof-addr "127.0.0.1:$((6060 + i))"
 done
 for i in 1 2; do
 	port=$((7402 + (i - 1) * 10))
 	start "sandbox-agent-a$i" bin/sandbox-agent --id "local-agent-a$i" --data-dir "$C/a$i" \
 		--listen "127.0.0.1:$port" --server "$servers" \
 		--gossip-addr "127.0.0.1:$((port + 100))" --gossip-join "$gossip" \
-		--cluster-token-file "$STATE/cluster-token" --containerd-address "$CONTAINERD_ADDRESS"
+		--cluster-token-file "$STATE/cluster-token" --containerd-address "$CONTAINERD_ADDRESS" \
+		--pprof-addr "127.0.0.1:$((6070 + i))"
 done
 wait_ready
 bin/sandboxctl cluster status 2>/dev/null || true
