@@ -148,6 +148,10 @@ func (s *Scheduler) noteWarm(agentID, boot string, version uint64, ready map[str
 	ps := &s.placement
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
+	ps.noteWarmLocked(agentID, boot, version, ready)
+}
+
+func (ps *placementState) noteWarmLocked(agentID, boot string, version uint64, ready map[string]int32) {
 	cur, known := ps.warm[agentID]
 	if boot == "" {
 		boot = cur.boot
@@ -234,14 +238,17 @@ func (s *Scheduler) refreshLiveness(now time.Time, members []membership.Member) 
 // still fits with this server's reservations wins. So a placement visits a
 // handful of agents however many there are, and allocates nothing per
 // agent. A reservation is checked for fit; ranking uses committed usage.
-func (s *Scheduler) place(l sandbox.Limits, templateID string) (agent *statev1.Agent, release func(), err error) {
-	agent, release, _, err = s.placeWarm(l, templateID)
-	return agent, release, err
+func (s *Scheduler) place(l sandbox.Limits, templateID string) (*statev1.Agent, func(), error) {
+	agent, h, err := s.placeWarm(l, templateID)
+	if err != nil {
+		return nil, nil, err
+	}
+	return agent, h.release, nil
 }
 
-// placeWarm is place, also saying whether the agent was picked for a warm
-// container of the template.
-func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *statev1.Agent, release func(), warm bool, err error) {
+// placeWarm is place, returning the hold, which says whether the agent was
+// picked for a warm container of the template.
+func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (*statev1.Agent, *hold, error) {
 	view := s.liveView(time.Now())
 	ps := &s.placement
 	ps.mu.Lock()
@@ -285,13 +292,13 @@ func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *state
 				alive++
 			}
 		})
-		return nil, nil, false, noRoom(alive, l)
+		return nil, nil, noRoom(alive, l)
 	}
 	agent, ok := s.fsm.Agent(bestID)
 	if !ok {
-		return nil, nil, false, fmt.Errorf("%w: agent %s vanished during placement", sandbox.ErrUnavailable, bestID)
+		return nil, nil, fmt.Errorf("%w: agent %s vanished during placement", sandbox.ErrUnavailable, bestID)
 	}
-	warm = p.best.warm > 0
+	warm := p.best.warm > 0
 	wk := warmKeyOf(bestID, templateID)
 	if warm {
 		if ps.warmInflight == nil {
@@ -310,23 +317,64 @@ func (s *Scheduler) placeWarm(l sandbox.Limits, templateID string) (agent *state
 	r.cpuMillis += int64(l.CPUMillis)
 	r.memoryMiB += l.MemoryMiB
 	r.n++
-	var once sync.Once
-	return agent, func() {
-		once.Do(func() {
-			ps.mu.Lock()
-			defer ps.mu.Unlock()
-			r.cpuMillis -= int64(l.CPUMillis)
-			r.memoryMiB -= l.MemoryMiB
-			if r.n--; r.n == 0 {
-				delete(ps.inflight, bestID)
-			}
-			if warm {
-				if ps.warmInflight[wk]--; ps.warmInflight[wk] <= 0 {
-					delete(ps.warmInflight, wk)
-				}
-			}
-		})
-	}, warm, nil
+	return agent, &hold{s: s, agentID: bestID, wk: wk, l: l, r: r, pickedWarm: warm, warm: warm}, nil
+}
+
+// hold is a placement's reservation of room on an agent and, for a warm
+// pick, of one of its warm containers.
+type hold struct {
+	s       *Scheduler
+	agentID string
+	wk      string
+	l       sandbox.Limits
+	r       *reservation
+	// pickedWarm: the agent was picked for a warm container; warm: the
+	// pick still counts on it (until answered or released).
+	pickedWarm, warm bool
+	done             bool
+}
+
+// release gives the reservation back (once the pick is committed or
+// abandoned).
+func (h *hold) release() {
+	ps := &h.s.placement
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if h.done {
+		return
+	}
+	h.done = true
+	h.r.cpuMillis -= int64(h.l.CPUMillis)
+	h.r.memoryMiB -= h.l.MemoryMiB
+	if h.r.n--; h.r.n == 0 {
+		delete(ps.inflight, h.agentID)
+	}
+	h.dropWarmLocked()
+}
+
+// answered takes the agent's warm counts from its answer to the start
+// (version, ready) and, in the same step, stops counting on the warm
+// container: the answer's counts no longer include it. Doing the two
+// apart would leave a moment in which the pick is subtracted twice, and a
+// concurrent placement, seeing no warm container on the agent, would go to
+// the best fit instead, which may have none left.
+func (h *hold) answered(version uint64, ready map[string]int32) {
+	ps := &h.s.placement
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	ps.noteWarmLocked(h.agentID, "", version, ready)
+	h.dropWarmLocked()
+}
+
+func (h *hold) dropWarmLocked() {
+	if !h.warm {
+		return
+	}
+	h.warm = false
+	ps := &h.s.placement
+	if ps.warmInflight[h.wk]--; ps.warmInflight[h.wk] <= 0 {
+		delete(ps.warmInflight, h.wk)
+	}
 }
 
 // SessionSpec is what a new session carries besides its template and limits.

@@ -101,14 +101,14 @@ func (s *Scheduler) CreateSession(ctx context.Context, req *sandboxv1.CreateSess
 // leader's reconciliation (a container no live session owns). While the
 // start runs, reconciliation leaves it alone (isStarting).
 func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, limits sandbox.Limits, spec SessionSpec) (sess *sandboxv1.Session, done bool, err error) {
-	agent, release, warm, err := s.placeWarm(limits, tmpl.GetId())
-	if err != nil || !warm {
-		if release != nil {
-			release()
+	agent, h, err := s.placeWarm(limits, tmpl.GetId())
+	if err != nil || !h.pickedWarm {
+		if h != nil {
+			h.release()
 		}
 		return nil, false, nil
 	}
-	defer release()
+	defer h.release()
 	sess = newSession(tmpl, limits, spec, sandboxv1.SessionState_SESSION_STATE_RUNNING)
 	sess.AgentId = agent.GetId()
 	s.setStarting(sess.GetId(), true)
@@ -138,7 +138,7 @@ func (s *Scheduler) createWarm(ctx context.Context, tmpl *sandboxv1.Template, li
 	}()
 	start, startErr := client.StartSession(bg, connect.NewRequest(s.startRequest(tmpl, sess)))
 	if startErr == nil {
-		s.noteWarm(agent.GetId(), "", start.Msg.GetWarmVersion(), start.Msg.GetWarm())
+		h.answered(start.Msg.GetWarmVersion(), start.Msg.GetWarm())
 	}
 	c := <-commit
 	switch ex, existing := c.resp.(fsm.Existing); {

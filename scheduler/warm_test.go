@@ -174,20 +174,20 @@ func TestWarmPicksSpreadAndVersions(t *testing.T) {
 	got := map[string]int{}
 	var releases []func()
 	for range 4 {
-		a, release, warm, err := s.placeWarm(l, "python-basic")
-		if err != nil || !warm {
-			t.Fatalf("pick: %v, warm %v", err, warm)
+		a, h, err := s.placeWarm(l, "python-basic")
+		if err != nil || !h.pickedWarm {
+			t.Fatalf("pick: %v, hold %+v", err, h)
 		}
 		got[a.GetId()]++
-		releases = append(releases, release)
+		releases = append(releases, h.release)
 	}
 	if got["a1"] != 2 || got["a2"] != 2 {
 		t.Errorf("4 warm picks went %v, want 2 and 2", got)
 	}
-	if _, release, warm, _ := s.placeWarm(l, "python-basic"); warm {
+	if _, h, _ := s.placeWarm(l, "python-basic"); h.pickedWarm {
 		t.Error("a fifth pick counted on a warm container four unanswered picks hold")
 	} else {
-		release()
+		h.release()
 	}
 	// The answers come: a1 has none left. An older gossip count is ignored.
 	s.noteWarm("a1", "", 7, map[string]int32{})
@@ -195,18 +195,54 @@ func TestWarmPicksSpreadAndVersions(t *testing.T) {
 	for _, r := range releases {
 		r()
 	}
-	if a, release, warm, _ := s.placeWarm(l, "python-basic"); !warm || a.GetId() != "a2" {
-		t.Errorf("after a1's pool emptied: picked %s warm %v, want a2 warm", a.GetId(), warm)
+	if a, h, _ := s.placeWarm(l, "python-basic"); !h.pickedWarm || a.GetId() != "a2" {
+		t.Errorf("after a1's pool emptied: picked %s warm %v, want a2 warm", a.GetId(), h.pickedWarm)
 	} else {
-		release()
+		h.release()
 	}
 	// A restarted agent starts counting again (and a2's pool is empty now).
 	s.noteWarm("a2", "", 9, map[string]int32{})
 	s.noteWarm("a1", "b2", 1, map[string]int32{"python-basic": 9})
-	if a, release, warm, _ := s.placeWarm(l, "python-basic"); !warm || a.GetId() != "a1" {
-		t.Errorf("after a1 restarted with 9 ready: picked %s warm %v, want a1", a.GetId(), warm)
+	if a, h, _ := s.placeWarm(l, "python-basic"); !h.pickedWarm || a.GetId() != "a1" {
+		t.Errorf("after a1 restarted with 9 ready: picked %s warm %v, want a1", a.GetId(), h.pickedWarm)
 	} else {
-		release()
+		h.release()
+	}
+}
+
+// TestWarmPickAnswered: once an agent has answered a warm pick, its
+// answer's count stands alone, even while the pick still waits for its
+// commit: the pick is not subtracted again from a count that already left
+// it out, so the agent's remaining warm container is still picked.
+func TestWarmPickAnswered(t *testing.T) {
+	s, _ := newTestScheduler(t)
+	if err := s.apply(context.Background(), fsm.RegisterAgentType, &statev1.RegisterAgent{Agent: &statev1.Agent{
+		Id: "a1", Address: "127.0.0.1:1", CpuMillis: 64000, MemoryMib: 65536, BootId: "b", RegisteredAt: timestamppb.Now(),
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	s.placement.live.Store(&liveness{at: time.Now().Add(time.Hour), stale: map[string]bool{}})
+	s.noteWarm("a1", "b", 5, map[string]int32{"python-basic": 2})
+	l := sandbox.Limits{CPUMillis: 100, MemoryMiB: 64}
+	_, first, err := s.placeWarm(l, "python-basic")
+	if err != nil || !first.pickedWarm {
+		t.Fatalf("first pick: %v, hold %+v", err, first)
+	}
+	first.answered(6, map[string]int32{"python-basic": 1}) // its commit is still under way
+	_, second, err := s.placeWarm(l, "python-basic")
+	if err != nil || !second.pickedWarm {
+		t.Fatalf("second pick while the first awaits its commit: %v, warm %v; want the agent's last warm container", err, second != nil && second.pickedWarm)
+	}
+	first.release()
+	first.release() // twice is harmless
+	_, third, _ := s.placeWarm(l, "python-basic")
+	if third.pickedWarm {
+		t.Error("a third pick counted on a warm container the second holds")
+	}
+	second.release()
+	third.release()
+	if n := len(s.placement.warmInflight) + len(s.placement.inflight); n != 0 {
+		t.Errorf("%d holds left after every release", n)
 	}
 }
 
