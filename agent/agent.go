@@ -285,7 +285,8 @@ func New(cfg Config) (*Agent, error) {
 	path, h := agentv1connect.NewAgentServiceHandler(&service{a: a},
 		// Auth first: only an authenticated server may raise the fence term.
 		connect.WithInterceptors(api.NewAuthInterceptor(clusterKeys), a.fenceInterceptor()),
-		connect.WithReadMaxBytes(maxRequestBytes))
+		connect.WithReadMaxBytes(maxRequestBytes),
+		connect.WithCompressMinBytes(api.CompressMinBytes))
 	mux.Handle(path, h)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{Registry: cfg.Registry}))
 	a.handler = mux

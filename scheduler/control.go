@@ -27,7 +27,8 @@ func (s *Scheduler) ControlPlaneHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle(agentv1connect.NewControlPlaneServiceHandler(&controlPlane{s: s},
 		connect.WithInterceptors(api.NewAuthInterceptor(keys)),
-		connect.WithReadMaxBytes(16<<20)))
+		connect.WithReadMaxBytes(16<<20),
+		connect.WithCompressMinBytes(api.CompressMinBytes)))
 	return mux
 }
 
