@@ -285,7 +285,7 @@ func (e *Executor) run(x *execution) {
 		log.Error("result callback failed; the result is lost", "state", res.State, "err", err)
 		return
 	}
-	log.Info("execution finished", "state", res.State, "exit_code", res.ExitCode,
+	log.Debug("execution finished", "state", res.State, "exit_code", res.ExitCode,
 		"duration_ms", res.DurationMS, "artifacts", len(res.Artifacts),
 		"stdout_truncated", res.StdoutTruncated, "stderr_truncated", res.StderrTruncated, "error", res.Error)
 }

@@ -96,7 +96,7 @@ func (e *Executor) handleInit(w http.ResponseWriter, r *http.Request) {
 		e.token = req.Token
 	}
 	e.mu.Unlock()
-	e.log.Info("executor initialized", "session_id", req.SessionID, "env_entries", len(req.Env))
+	e.log.Debug("executor initialized", "session_id", req.SessionID, "env_entries", len(req.Env))
 	writeJSON(w, http.StatusOK, e.health())
 }
 
@@ -161,7 +161,7 @@ func (e *Executor) handleExecute(w http.ResponseWriter, r *http.Request) {
 	e.running[x.id] = x
 	e.executions.Add(1)
 	e.mu.Unlock()
-	e.log.Info("execution accepted", "execution_id", x.id, "language", x.language, "timeout", x.timeout.String(), "code_bytes", len(x.code))
+	e.log.Debug("execution accepted", "execution_id", x.id, "language", x.language, "timeout", x.timeout.String(), "code_bytes", len(x.code))
 	go e.run(x)
 	writeJSON(w, http.StatusAccepted, executorapi.ExecuteAccepted{ExecutionID: x.id})
 }
