@@ -6,6 +6,7 @@ import (
 	"encoding/base32"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -80,6 +81,19 @@ type warmContainer struct {
 	// exited is closed by the watcher when the container ended in the pool.
 	exited chan struct{}
 	exit   runtime.ExitResult
+	// callbacks is the bound, not yet served, callback socket its session
+	// will be served on (see listenCallbacks); nil once taken.
+	cbMu      sync.Mutex
+	callbacks net.Listener
+}
+
+// takeCallbacks hands the callback listener over to the claiming session.
+func (w *warmContainer) takeCallbacks() net.Listener {
+	w.cbMu.Lock()
+	defer w.cbMu.Unlock()
+	ln := w.callbacks
+	w.callbacks = nil
+	return ln
 }
 
 // pools holds the agent's warm pools. Lock order: Agent.mu, then pools.mu.
@@ -388,6 +402,11 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 	if err := chownSandbox(w.dir); err != nil {
 		return fail(err)
 	}
+	ln, err := listenCallbacks(w.dir)
+	if err != nil {
+		return fail(err)
+	}
+	w.callbacks = ln
 	sctx, cancel := context.WithTimeout(ctx, maxStartTime)
 	defer cancel()
 	spec := a.containerSpec(id, w.dir, t.image, t.limits, map[string]string{
@@ -489,6 +508,9 @@ func (a *Agent) claimWarm(templateID, image string, l sandbox.Limits) *warmConta
 func (a *Agent) destroyWarm(w *warmContainer, why string) {
 	w.cancel()
 	defer w.exec.close()
+	if ln := w.takeCallbacks(); ln != nil {
+		_ = ln.Close()
+	}
 	if w.waitCancel != nil {
 		defer w.waitCancel()
 	}
