@@ -34,6 +34,9 @@ type Config struct {
 	BwrapPath string
 	// HeartbeatInterval is how often a running execution reports a heartbeat.
 	HeartbeatInterval time.Duration
+	// StatusDelay is how long an execution runs before its RUNNING status
+	// goes out (executorapi.StatusDelay); 0 reports it at once.
+	StatusDelay time.Duration
 	// CallbackRetryBudget bounds how long one callback (artifact or result) is retried.
 	CallbackRetryBudget time.Duration
 	// ShutdownGrace bounds how long Run waits, after its context ends, for
@@ -55,6 +58,7 @@ func DefaultConfig() Config {
 		Host:                "0.0.0.0",
 		LogLevel:            slog.LevelInfo,
 		HeartbeatInterval:   executorapi.HeartbeatInterval,
+		StatusDelay:         executorapi.StatusDelay,
 		CallbackRetryBudget: time.Minute,
 		ShutdownGrace:       5 * time.Second,
 	}
@@ -90,6 +94,13 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 			return Config{}, fmt.Errorf("EXECUTOR_HEARTBEAT_INTERVAL %q is not a positive duration", v)
 		}
 		cfg.HeartbeatInterval = d
+	}
+	if v := getenv("EXECUTOR_STATUS_DELAY"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return Config{}, fmt.Errorf("EXECUTOR_STATUS_DELAY %q is not a duration of 0 or more", v)
+		}
+		cfg.StatusDelay = d
 	}
 	return cfg, cfg.validate()
 }

@@ -329,14 +329,27 @@ func (e *Executor) execute(x *execution, log *slog.Logger) executorapi.Result {
 	log.Debug("execution started", "pid", p.cmd.Process.Pid, "timeout", x.timeout.String())
 
 	// The status goes out beside the run so a slow agent cannot delay the
-	// timeout; the result waits for it so the agent sees them in order.
+	// timeout, and only once the run has lasted StatusDelay: a quicker one
+	// goes straight to its result. The result waits for the status so the
+	// agent sees them in order.
 	var callbacks sync.WaitGroup
+	hbCtx, stopHeartbeat := context.WithCancel(e.cbCtx)
 	callbacks.Go(func() {
+		if d := e.cfg.StatusDelay; d > 0 {
+			t := time.NewTimer(d)
+			defer t.Stop()
+			select {
+			case <-p.done:
+				return
+			case <-hbCtx.Done():
+				return
+			case <-t.C:
+			}
+		}
 		if err := e.cp.Status(e.cbCtx, x.id, executorapi.StateRunning); err != nil {
 			log.Warn("status callback failed", "err", err)
 		}
 	})
-	hbCtx, stopHeartbeat := context.WithCancel(e.cbCtx)
 	callbacks.Go(func() { e.heartbeat(hbCtx, x.id, log) })
 
 	res := executorapi.Result{State: executorapi.StateCompleted}

@@ -269,7 +269,9 @@ func chownAll(t *testing.T, paths ...string) {
 // startExecutor starts the executor binary as uid 1000. presetToken goes
 // into INTERNAL_API_TOKEN when non-empty; the callback server always
 // expects token.
-func startExecutor(t *testing.T, token, presetToken string) *harness {
+// startExecutor starts the executor binary; env entries (KEY=VALUE) go
+// after the harness's own, so they override them.
+func startExecutor(t *testing.T, token, presetToken string, env ...string) *harness {
 	t.Helper()
 	bwrap := requireSandboxHost(t)
 	bin := executorBinary(t)
@@ -326,10 +328,12 @@ func startExecutor(t *testing.T, token, presetToken string) *harness {
 		"LOG_LEVEL=debug",
 		"BWRAP_PATH=" + bwrap,
 		"EXECUTOR_HEARTBEAT_INTERVAL=200ms",
+		"EXECUTOR_STATUS_DELAY=0", // every execution reports RUNNING
 	}
 	if presetToken != "" {
 		cmd.Env = append(cmd.Env, "INTERNAL_API_TOKEN="+presetToken)
 	}
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Dir = ws
 	cmd.Stdout = h.logs
 	cmd.Stderr = h.logs
@@ -559,6 +563,32 @@ func TestExecutorRunsCode(t *testing.T) {
 		t.Errorf("%d callbacks carried a wrong token", h.cb.authFailed)
 	}
 	h.cb.mu.Unlock()
+}
+
+// TestExecutorStatusDelay: with a status delay, an execution that ends
+// sooner reports only its result; one that runs longer reports RUNNING
+// first.
+func TestExecutorStatusDelay(t *testing.T) {
+	h := startExecutor(t, "tok-status", "", "EXECUTOR_STATUS_DELAY=300ms")
+	h.init(nil)
+	for _, tc := range []struct {
+		id, code string
+		statuses int
+	}{
+		{"quick", "true", 0},
+		{"slow", "sleep 1.5", 1},
+	} {
+		res := h.run(tc.id, "bash", tc.code, 30, nil)
+		if res.State != executorapi.StateCompleted {
+			t.Fatalf("%s: state %s (%s), want COMPLETED", tc.id, res.State, res.Error)
+		}
+		h.cb.mu.Lock()
+		statuses, order := h.cb.statuses[tc.id], h.cb.order[tc.id]
+		h.cb.mu.Unlock()
+		if len(statuses) != tc.statuses || order[len(order)-1] != "result" {
+			t.Errorf("%s: callbacks %v, statuses %v; want %d RUNNING status(es), the result last", tc.id, order, statuses, tc.statuses)
+		}
+	}
 }
 
 func TestExecutorTimeoutKillsEverything(t *testing.T) {
