@@ -41,54 +41,98 @@ func detectCgroups() (cgroupLimits, error) {
 
 // set applies l to the cgroup at path (relative to each hierarchy's root):
 // memory first, the write most likely to fail (the kernel refuses a limit
-// below what the container already uses), then cpu and pids.
-func (c cgroupLimits) set(path string, l sandbox.Limits) error {
+// below what the container already uses), then cpu and pids. prev, when
+// known, is what the cgroup holds (the container's creation or last
+// update): only values that change are written, and the memory limits'
+// order needs no read. The cpu period is the spec's, set at creation, and
+// is written only when prev is not known.
+func (c cgroupLimits) set(path string, prev *sandbox.Limits, l sandbox.Limits) error {
 	memory := l.MemoryMiB * mib
 	quota := int64(l.CPUMillis) * cpuPeriod / 1000
 	pids := l.Pids
+	memChanged := prev == nil || prev.MemoryMiB != l.MemoryMiB
+	cpuChanged := prev == nil || prev.CPUMillis != l.CPUMillis
+	pidsChanged := prev == nil || prev.Pids != l.Pids
 	if c.unified {
-		return c.setUnified(filepath.Join(cgroupRoot, path), memory, quota, pids)
+		return c.setUnified(filepath.Join(cgroupRoot, path), prev == nil, memChanged, cpuChanged, pidsChanged, memory, quota, pids)
 	}
 	mem := filepath.Join(cgroupRoot, "memory", path)
-	current, err := os.ReadFile(filepath.Join(mem, "memory.limit_in_bytes"))
-	if errors.Is(err, os.ErrNotExist) {
-		return errNoCgroup(mem, err)
-	}
-	if err != nil {
-		return err
-	}
-	// memory.memsw.limit_in_bytes (memory plus swap, equal to memory: no
-	// swap) may never be below memory.limit_in_bytes, so which of the two
-	// goes first depends on whether the limit grows or shrinks.
-	writes := [][2]string{
-		{filepath.Join(mem, "memory.limit_in_bytes"), strconv.FormatInt(memory, 10)},
-		{filepath.Join(mem, "memory.memsw.limit_in_bytes"), strconv.FormatInt(memory, 10)},
-	}
-	if cur, err := strconv.ParseInt(strings.TrimSpace(string(current)), 10, 64); err == nil && memory > cur {
-		writes[0], writes[1] = writes[1], writes[0]
+	var writes [][2]string
+	if memChanged {
+		var cur int64
+		if prev != nil {
+			cur = prev.MemoryMiB * mib
+		} else {
+			current, err := os.ReadFile(filepath.Join(mem, "memory.limit_in_bytes"))
+			if errors.Is(err, os.ErrNotExist) {
+				return errNoCgroup(mem, err)
+			}
+			if err != nil {
+				return err
+			}
+			if cur, err = strconv.ParseInt(strings.TrimSpace(string(current)), 10, 64); err != nil {
+				cur = 0
+			}
+		}
+		// memory.memsw.limit_in_bytes (memory plus swap, equal to memory:
+		// no swap) may never be below memory.limit_in_bytes, so which of
+		// the two goes first depends on whether the limit grows or shrinks.
+		writes = [][2]string{
+			{filepath.Join(mem, "memory.limit_in_bytes"), strconv.FormatInt(memory, 10)},
+			{filepath.Join(mem, "memory.memsw.limit_in_bytes"), strconv.FormatInt(memory, 10)},
+		}
+		if memory > cur {
+			writes[0], writes[1] = writes[1], writes[0]
+		}
 	}
 	cpu := filepath.Join(cgroupRoot, "cpu", path)
-	return writeAll(append(writes,
-		[2]string{filepath.Join(cpu, "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)},
-		[2]string{filepath.Join(cpu, "cpu.cfs_quota_us"), strconv.FormatInt(quota, 10)},
-		[2]string{filepath.Join(cgroupRoot, "pids", path, "pids.max"), strconv.Itoa(int(pids))},
-	)...)
+	if prev == nil {
+		writes = append(writes, [2]string{filepath.Join(cpu, "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)})
+	}
+	if cpuChanged {
+		writes = append(writes, [2]string{filepath.Join(cpu, "cpu.cfs_quota_us"), strconv.FormatInt(quota, 10)})
+	}
+	if pidsChanged {
+		writes = append(writes, [2]string{filepath.Join(cgroupRoot, "pids", path, "pids.max"), strconv.Itoa(int(pids))})
+	}
+	if err := writeAll(writes...); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return errNoCgroup(mem, err)
+		}
+		return err
+	}
+	return nil
 }
 
 // setUnified is set on cgroup v2, where swap has a limit of its own.
-func (c cgroupLimits) setUnified(dir string, memory, quota int64, pids int32) error {
-	if _, err := os.Stat(dir); err != nil {
-		return errNoCgroup(dir, err)
+func (c cgroupLimits) setUnified(dir string, unknown, memChanged, cpuChanged, pidsChanged bool, memory, quota int64, pids int32) error {
+	if unknown {
+		if _, err := os.Stat(dir); err != nil {
+			return errNoCgroup(dir, err)
+		}
 	}
-	writes := [][2]string{{filepath.Join(dir, "memory.max"), strconv.FormatInt(memory, 10)}}
-	// Without swap accounting the file is missing, as it is to runc.
-	if swap := filepath.Join(dir, "memory.swap.max"); fileExists(swap) {
+	var writes [][2]string
+	if memChanged {
+		writes = append(writes, [2]string{filepath.Join(dir, "memory.max"), strconv.FormatInt(memory, 10)})
+	}
+	// Without swap accounting the file is missing, as it is to runc; with
+	// it, the spec set it to 0 at creation.
+	if swap := filepath.Join(dir, "memory.swap.max"); unknown && fileExists(swap) {
 		writes = append(writes, [2]string{swap, "0"})
 	}
-	return writeAll(append(writes,
-		[2]string{filepath.Join(dir, "cpu.max"), fmt.Sprintf("%d %d", quota, cpuPeriod)},
-		[2]string{filepath.Join(dir, "pids.max"), strconv.Itoa(int(pids))},
-	)...)
+	if cpuChanged {
+		writes = append(writes, [2]string{filepath.Join(dir, "cpu.max"), fmt.Sprintf("%d %d", quota, cpuPeriod)})
+	}
+	if pidsChanged {
+		writes = append(writes, [2]string{filepath.Join(dir, "pids.max"), strconv.Itoa(int(pids))})
+	}
+	if err := writeAll(writes...); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return errNoCgroup(dir, err)
+		}
+		return err
+	}
+	return nil
 }
 
 // writeAll writes each value to its file, in order, stopping at the first

@@ -71,10 +71,12 @@ type Runtime struct {
 	log     *slog.Logger
 	images  imageCache
 	cgroups cgroupLimits
-	// disks holds the workspace size (MiB) of the containers this Runtime
-	// started, by id, so that Update checks it without asking containerd
-	// for the container's record (a claim's latency); others are looked up.
-	disks sync.Map
+	// limits holds the limits (sandbox.Limits) of the containers this
+	// Runtime started or updated, by id, so that Update checks the disk
+	// size without asking containerd for the container's record (a claim's
+	// latency) and writes only the cgroup files whose values change;
+	// others are looked up.
+	limits sync.Map
 	// stopWatch ends the image watch; watchDone is closed when it has.
 	stopWatch context.CancelFunc
 	watchDone chan struct{}
@@ -222,7 +224,7 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (runtime.Status,
 	// creation (shim, runc create) and its start (runc start).
 	r.log.Debug("container started", "container", spec.ID, "image", spec.Image, "pid", pid, "duration", time.Since(begin),
 		"root", made.Sub(begin), "task_create", created.Sub(made), "task_start", time.Since(created))
-	r.disks.Store(spec.ID, spec.Limits.DiskMiB)
+	r.limits.Store(spec.ID, spec.Limits)
 	return runtime.Status{
 		ID:        spec.ID,
 		Labels:    rec.Labels,
@@ -333,21 +335,26 @@ func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error
 		// A container this Runtime started is known with its disk size;
 		// any other's record proves id names a container before id
 		// becomes part of a cgroup path, and holds its disk size.
-		disk, known := r.disks.Load(id)
-		if !known {
+		var prev *sandbox.Limits
+		var disk int64
+		if v, known := r.limits.Load(id); known {
+			l := v.(sandbox.Limits)
+			prev, disk = &l, l.DiskMiB
+		} else {
 			rec, err := r.client.ContainerService().Get(ctx, id)
 			if err != nil {
 				return mapErr(id, "update", err)
 			}
-			d, err := workspaceMiB(rec)
-			if err != nil {
+			if disk, err = workspaceMiB(rec); err != nil {
 				return fmt.Errorf("update container %s: %w", id, err)
 			}
-			disk = d
 		}
-		if err := r.updateLimits(id, disk.(int64), *u.Limits); err != nil {
+		if err := r.updateLimits(id, disk, prev, *u.Limits); err != nil {
+			// What the cgroup holds now is not known for sure.
+			r.limits.Delete(id)
 			return err
 		}
+		r.limits.Store(id, *u.Limits)
 	}
 	if len(u.Labels) == 0 {
 		return nil
@@ -364,13 +371,13 @@ func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error
 }
 
 // updateLimits checks l against the container's spec and writes it to the
-// container's cgroup.
-func (r *Runtime) updateLimits(id string, disk int64, l sandbox.Limits) error {
+// container's cgroup; prev, when known, is what the cgroup holds.
+func (r *Runtime) updateLimits(id string, disk int64, prev *sandbox.Limits, l sandbox.Limits) error {
 	if l.DiskMiB != disk {
 		return fmt.Errorf("%w: update container %s: disk limit %d MiB differs from the %d MiB it was created with",
 			sandbox.ErrInvalidArgument, id, l.DiskMiB, disk)
 	}
-	if err := r.cgroups.set(r.CgroupPath(id), l); err != nil {
+	if err := r.cgroups.set(r.CgroupPath(id), prev, l); err != nil {
 		return fmt.Errorf("update limits of container %s: %w", id, err)
 	}
 	return nil
@@ -456,7 +463,7 @@ func finished(err error) bool {
 // a failure) can simply be called again.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	ctx = r.ns(ctx)
-	r.disks.Delete(id)
+	r.limits.Delete(id)
 	c, err := r.client.LoadContainer(ctx, id)
 	if errdefs.IsNotFound(err) {
 		return nil

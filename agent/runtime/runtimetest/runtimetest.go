@@ -572,6 +572,24 @@ func (s *suite) testUpdate(t *testing.T) {
 			t.Errorf("cgroup limits after a shrinking Update = %+v, want %+v", got, want)
 		}
 	}
+
+	// An adapter may write only what changes: cpu alone, then nothing.
+	limits.CPUMillis = 500
+	for _, what := range []string{"cpu alone", "the same limits again"} {
+		if err := s.h.Runtime.Update(t.Context(), spec.ID, runtime.Update{Limits: &limits}); err != nil {
+			t.Fatalf("Update of %s: %v", what, err)
+		}
+		if s.h.CgroupLimits != nil {
+			got, err := s.h.CgroupLimits(t.Context(), spec.ID)
+			if err != nil {
+				t.Fatalf("read cgroup limits: %v", err)
+			}
+			want := CgroupLimits{MemoryBytes: 64 << 20, MemorySwapBytes: 64 << 20, CPUQuotaMicros: 50000, CPUPeriodMicros: 100000, Pids: 32}
+			if got != want {
+				t.Errorf("cgroup limits after an Update of %s = %+v, want %+v", what, got, want)
+			}
+		}
+	}
 }
 
 // testUpdateErrors: an unknown container is ErrNotFound; limits the kernel
