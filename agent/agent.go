@@ -175,6 +175,8 @@ type Agent struct {
 	pools *pools
 	// labelSlot lets one claimed container's label be written at a time.
 	labelSlot chan struct{}
+	// callbacks serves every session's callback socket (callbackHandler).
+	callbacks http.Handler
 
 	mu       sync.Mutex
 	sessions map[string]*session
@@ -269,6 +271,7 @@ func New(cfg Config) (*Agent, error) {
 		pools:              newPools(cfg.WarmConcurrency),
 		labelSlot:          make(chan struct{}, 1),
 	}
+	a.callbacks = a.callbackHandler()
 	if err := cfg.Registry.Register(warmReadyCollector{a.pools}); err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("agent metrics: %w", err)

@@ -39,31 +39,42 @@ const (
 	kindUnknown   = "unknown"
 )
 
-// callbackHandler serves one session's agent.sock: it accepts only that
-// session's token and only executions handed to that session.
-func (a *Agent) callbackHandler(s *session) http.Handler {
+// callbackHandler serves every session's agent.sock: each request is
+// served for the session whose socket it came in on (sessionContext puts it
+// in the request's context), and it accepts only that session's token and
+// only executions handed to that session. It is built once: building a mux
+// per session cost a claim 70 µs of pattern parsing.
+func (a *Agent) callbackHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /internal/executions/{id}/status", a.callback(s, kindStatus, a.handleStatus))
-	mux.Handle("POST /internal/executions/{id}/heartbeat", a.callback(s, kindHeartbeat, a.handleHeartbeat))
-	mux.Handle("PUT /internal/executions/{id}/artifacts", a.callback(s, kindArtifact, a.handleArtifact))
-	mux.Handle("POST /internal/executions/{id}/result", a.callback(s, kindResult, a.handleResult))
-	mux.Handle("/", a.callback(s, kindUnknown, func(w http.ResponseWriter, r *http.Request, _ *session, _ string) {
+	mux.Handle("POST /internal/executions/{id}/status", a.callback(kindStatus, a.handleStatus))
+	mux.Handle("POST /internal/executions/{id}/heartbeat", a.callback(kindHeartbeat, a.handleHeartbeat))
+	mux.Handle("PUT /internal/executions/{id}/artifacts", a.callback(kindArtifact, a.handleArtifact))
+	mux.Handle("POST /internal/executions/{id}/result", a.callback(kindResult, a.handleResult))
+	mux.Handle("/", a.callback(kindUnknown, func(w http.ResponseWriter, r *http.Request, _ *session, _ string) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such callback: %s %s", r.Method, r.URL.Path))
 	}))
 	return mux
+}
+
+type sessionKey struct{}
+
+// sessionContext is the base context of a session's callback server.
+func sessionContext(s *session) context.Context {
+	return context.WithValue(s.ctx, sessionKey{}, s)
 }
 
 type callbackFunc func(w http.ResponseWriter, r *http.Request, s *session, executionID string)
 
 // callback wraps a handler with the session's token check, the execution
 // ownership check and the callback counter.
-func (a *Agent) callback(s *session, kind string, h callbackFunc) http.Handler {
+func (a *Agent) callback(kind string, h callbackFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		defer func() {
 			a.metrics.callbacks.WithLabelValues(kind, strconv.Itoa(rec.status)).Inc()
 		}()
-		if !s.auth.match(r.Header.Get("Authorization")) {
+		s, ok := r.Context().Value(sessionKey{}).(*session)
+		if !ok || !s.auth.match(r.Header.Get("Authorization")) {
 			writeError(rec, http.StatusUnauthorized, "missing or wrong session token")
 			return
 		}

@@ -634,10 +634,10 @@ func listenCallbacks(dir string) (net.Listener, error) {
 // serveCallbacksOn serves the session's callbacks on ln until release.
 func (a *Agent) serveCallbacksOn(s *session, ln net.Listener) {
 	srv := &http.Server{
-		Handler:           a.callbackHandler(s),
+		Handler:           a.callbacks,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		BaseContext:       func(net.Listener) context.Context { return s.ctx },
+		BaseContext:       func(net.Listener) context.Context { return sessionContext(s) },
 	}
 	s.callback = srv
 	a.wg.Add(1)
