@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -864,5 +865,53 @@ func TestHandOverOutlivesItsCaller(t *testing.T) {
 	}
 	if reports := ta.cp.reportsOf("x1"); len(reports) == 0 || reports[len(reports)-1].GetKind() != agentv1.ReportKind_REPORT_KIND_RESULT {
 		t.Fatalf("reports of x1 = %v, want its result relayed", reports)
+	}
+}
+
+// TestQuickResultLeavesNoPendingRecord: the pending record is written while
+// the executor takes the execution, and a result that comes back before
+// the write lands must still remove it: no stale pending execution (which a
+// restarted agent would report, and a server would hand over again).
+func TestQuickResultLeavesNoPendingRecord(t *testing.T) {
+	ta := newTestAgent(t)
+	cid := ta.start(t, "s1")
+	c, ok := ta.rt.container(cid)
+	if !ok {
+		t.Fatal("runtime has no container")
+	}
+	for i := range 20 {
+		id := fmt.Sprintf("q%d", i)
+		if err := ta.execute(context.Background(), "s1", id, "print(1)"); err != nil {
+			t.Fatalf("Execute %s: %v", id, err)
+		}
+		for _, kind := range []string{"status", "artifact", "result"} {
+			select {
+			case o := <-c.exec.outcomes:
+				if o.kind != kind || o.status != http.StatusOK {
+					t.Fatalf("%s: callback %s answered %+v", id, kind, o)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s: no %s callback", id, kind)
+			}
+		}
+	}
+	// settle runs after the relay answers the executor; give it a moment.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		recs, err := ta.db.Sessions()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var pending []string
+		for _, r := range recs {
+			pending = append(pending, r.PendingExecutionIDs...)
+		}
+		if len(pending) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent.db still records pending executions %v after their results", pending)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

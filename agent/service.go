@@ -169,25 +169,31 @@ func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
 		return err
 	}
 	id := m.GetExecutionId()
-	// Recorded (durably) before the executor hears of it: its callbacks may
-	// come first, and a restarted agent must still accept them.
+	// The pending record is written (durably) while the executor takes the
+	// execution, not before: the fsync would otherwise add a millisecond to
+	// every execution. Callbacks that come first are accepted from memory;
+	// the call answers only once the record is written, and settle waits
+	// for the write before it removes the record, so a quick result cannot
+	// leave a stale one behind. An agent that dies in between leaves
+	// the execution to the servers' reconciliation, as a dead agent does.
 	a.mu.Lock()
 	_, wasPending := s.pending[id]
 	s.pending[id] = struct{}{}
-	a.mu.Unlock()
-	if !wasPending {
-		if err := a.db.AddPending(s.id, id); err != nil {
-			a.mu.Lock()
-			delete(s.pending, id)
-			a.mu.Unlock()
-			if errors.Is(err, state.ErrNotFound) {
-				return fmt.Errorf("%w: session %s is not running on agent %s", sandbox.ErrNotFound, s.id, a.cfg.ID)
-			}
-			return fmt.Errorf("%w: execution %s of session %s: %v", sandbox.ErrUnavailable, id, s.id, err)
-		}
-	}
-	a.mu.Lock()
 	s.executions[id] = struct{}{}
+	var recorded chan error
+	if !wasPending {
+		done := make(chan struct{})
+		s.recording[id] = done
+		recorded = make(chan error, 1)
+		go func() {
+			err := a.db.AddPending(s.id, id)
+			a.mu.Lock()
+			delete(s.recording, id)
+			a.mu.Unlock()
+			close(done)
+			recorded <- err
+		}()
+	}
 	a.mu.Unlock()
 	// The hand-over finishes even when the server that asked goes away (a
 	// leader killed mid-call): abandoned, it would leave the execution
@@ -201,6 +207,18 @@ func (a *Agent) execute(ctx context.Context, m *agentv1.ExecuteRequest) error {
 		TimeoutSeconds: int(m.GetTimeoutSeconds()),
 		Env:            m.GetEnv(),
 	})
+	if recorded != nil {
+		if rerr := <-recorded; rerr != nil {
+			a.log.Error("record pending execution", "session", s.id, "execution", id, "err", rerr)
+			if err == nil {
+				// The executor runs it, and its callbacks are accepted from
+				// memory; only a restart of this agent would lose track.
+				if errors.Is(rerr, state.ErrNotFound) {
+					return fmt.Errorf("%w: session %s is not running on agent %s", sandbox.ErrNotFound, s.id, a.cfg.ID)
+				}
+			}
+		}
+	}
 	// An executor that answered no did not take the execution; when the
 	// call failed otherwise it may have, so it stays pending (and a server
 	// hands it over again: the executor takes an id it holds as a no-op).
@@ -222,9 +240,13 @@ func (a *Agent) settle(s *session, executionID string) {
 	a.mu.Lock()
 	_, ok := s.pending[executionID]
 	delete(s.pending, executionID)
+	recording := s.recording[executionID]
 	a.mu.Unlock()
 	if !ok {
 		return
+	}
+	if recording != nil {
+		<-recording // removing before the add lands would leave the record behind
 	}
 	if err := a.db.RemovePending(s.id, executionID); err != nil {
 		a.log.Error("forget pending execution", "session", s.id, "execution", executionID, "err", err)

@@ -76,6 +76,9 @@ type session struct {
 	// not been relayed yet, mirrored in agent.db.
 	executions map[string]struct{}
 	pending    map[string]struct{}
+	// recording holds, per execution whose pending record is being written,
+	// a channel closed once the write ended (see execute and settle).
+	recording map[string]chan struct{}
 }
 
 // newSession builds the agent's view of a session's container; the caller
@@ -98,6 +101,7 @@ func (a *Agent) newSession(id, containerID, templateID, image, token, dir string
 		done:        make(chan struct{}),
 		executions:  map[string]struct{}{},
 		pending:     map[string]struct{}{},
+		recording:   map[string]chan struct{}{},
 	}
 }
 
