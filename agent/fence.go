@@ -17,6 +17,10 @@ import (
 // commands change nothing, across agent restarts too. A missing fence is
 // term 0: once any leader fenced, unfenced commands are refused.
 
+// serverHeader names the internal URL of the server that sent a command
+// (scheduler.ServerHeader; the agent does not import the scheduler).
+const serverHeader = "Sandbox-Server"
+
 // observeOnly are the fenced calls that change nothing: their fence raises
 // the agent's term but never gets them refused. (DownloadArtifact carries
 // no fence.)
@@ -58,6 +62,11 @@ func (a *Agent) fenceInterceptor() connect.UnaryInterceptorFunc {
 			if err := a.checkFence(m.GetFence(), !observeOnly[procedure]); err != nil {
 				a.log.Warn("command refused", "procedure", procedure, "term", m.GetFence().GetTerm(), "index", m.GetFence().GetIndex(), "err", err)
 				return nil, connectError(err)
+			}
+			if server := req.Header().Get(serverHeader); server != "" && m.GetFence().GetTerm() > 0 {
+				if f, ok := a.cp.(interface{ prefer(string) }); ok {
+					f.prefer(server)
+				}
 			}
 			return next(ctx, req)
 		}

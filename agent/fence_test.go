@@ -3,12 +3,14 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"strings"
 	"testing"
 
 	"connectrpc.com/connect"
 
 	agentv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1"
+	"github.com/sandboxhq/sandbox/api/gen/sandbox/agent/v1/agentv1connect"
 )
 
 func fence(term uint64) *agentv1.Fence { return &agentv1.Fence{Term: term, Index: 100 + term} }
@@ -188,5 +190,33 @@ func TestFenceSurvivesRestart(t *testing.T) {
 	}
 	if !ta.rt.wasDestroyed("s-s1") {
 		t.Error("StopSession from the current term did not stop the session")
+	}
+}
+
+// TestLeaderCommandMovesReports: a fenced command carrying the sending
+// server's URL (scheduler.ServerHeader) makes that server, when it is one of
+// the agent's, the first its reports go to; a refused command does not.
+func TestLeaderCommandMovesReports(t *testing.T) {
+	ta := newTestAgent(t)
+	ta.start(t, "s1")
+	f := newFailoverCP("http://s1:7401,"+ta.cpURL, func(url string) agentv1connect.ControlPlaneServiceClient {
+		return agentv1connect.NewControlPlaneServiceClient(http.DefaultClient, url)
+	})
+	ta.Agent.cp = f
+	command := func(term uint64, server string) error {
+		req := connect.NewRequest(&agentv1.StopSessionRequest{Fence: fence(term), SessionId: "nope"})
+		req.Header().Set("Sandbox-Server", server)
+		_, err := ta.client.StopSession(context.Background(), req)
+		return err
+	}
+	_ = command(5, ta.cpURL) // not_found, after the fence admitted it
+	if got := f.urls[f.current.Load()]; got != ta.cpURL {
+		t.Errorf("after a command from %s, reports go to %s", ta.cpURL, got)
+	}
+	if err := command(4, "http://s1:7401"); err == nil {
+		t.Fatal("a command from a lower term was admitted")
+	}
+	if got := f.urls[f.current.Load()]; got != ta.cpURL {
+		t.Errorf("a refused command moved reports to %s", got)
 	}
 }

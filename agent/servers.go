@@ -32,6 +32,19 @@ func newFailoverCP(urls string, newClient func(url string) agentv1connect.Contro
 	return f
 }
 
+// prefer makes url (one of the configured servers) the current one: the
+// server whose command just passed the fence is the leader, and reports
+// sent there need no forwarding. Other URLs are ignored.
+func (f *failoverCP) prefer(url string) {
+	url = strings.TrimRight(url, "/")
+	for i, u := range f.urls {
+		if u == url {
+			f.current.Store(int32(i))
+			return
+		}
+	}
+}
+
 // call runs fn against each server in turn, starting with the current one.
 func call[Req, Resp any](f *failoverCP, ctx context.Context, req *connect.Request[Req],
 	fn func(agentv1connect.ControlPlaneServiceClient, context.Context, *connect.Request[Req]) (*connect.Response[Resp], error)) (*connect.Response[Resp], error) {

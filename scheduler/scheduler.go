@@ -140,6 +140,14 @@ type Scheduler struct {
 	placement placementState
 }
 
+// selfInternalURL is the URL agents reach this server's internal port at.
+func selfInternalURL(self *sandboxv1.Server) string {
+	if self.GetInternalAddress() == "" {
+		return ""
+	}
+	return "http://" + self.GetInternalAddress()
+}
+
 // New returns a scheduler over an FSM and the Raft node that feeds it.
 func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 	if cfg.Logger == nil {
@@ -149,7 +157,7 @@ func New(cfg Config, f *fsm.FSM, r Raft) *Scheduler {
 		cfg:          cfg,
 		fsm:          f,
 		raft:         r,
-		agents:       newAgentPool(cfg.ClusterToken),
+		agents:       newAgentPool(cfg.ClusterToken, selfInternalURL(cfg.Self)),
 		log:          cfg.Logger,
 		heartbeats:   make(map[string]time.Time),
 		warmSent:     make(map[string]warmSent),
