@@ -65,6 +65,26 @@ func (c *cluster) check(ctx context.Context) error {
 	return nil
 }
 
+// leaderURL is the URL of the leader's API port.
+func (c *cluster) leaderURL(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st, err := c.nodes.GetClusterStatus(ctx, connect.NewRequest(&sandboxv1.GetClusterStatusRequest{}))
+	if err != nil {
+		return "", fmt.Errorf("find the leader (or run with -direct): %w", err)
+	}
+	for _, s := range st.Msg.GetServers() {
+		if s.GetId() == st.Msg.GetLeaderId() && s.GetApiAddress() != "" {
+			addr := s.GetApiAddress()
+			if !strings.Contains(addr, "://") {
+				addr = "http://" + addr
+			}
+			return strings.TrimRight(addr, "/"), nil
+		}
+	}
+	return "", fmt.Errorf("the cluster names no leader with an API address (leader %q); run with -direct", st.Msg.GetLeaderId())
+}
+
 // create creates a session of template and returns its id and how long the
 // call took. limits may be nil (the template's defaults).
 func (c *cluster) create(ctx context.Context, template string, limits *sandboxv1.ResourceLimits) (string, time.Duration, error) {

@@ -67,6 +67,7 @@ func parseFlags(args []string) (Config, outputs, error) {
 	)
 	fs.StringVar(&out.scenarios, "scenario", "all", "comma list of scenarios or groups (floors, baselines, cluster), or all: "+strings.Join(scenarioNames(), ", "))
 	fs.StringVar(&cfg.Addr, "addr", envOr("SANDBOX_ADDR", "http://127.0.0.1:7400"), "API address")
+	fs.BoolVar(&cfg.Direct, "direct", false, "send the calls to -addr as given (a follower forwards them to the leader); default: to the leader's API address, found through -addr")
 	fs.StringVar(&cfg.APIKey, "api-key", os.Getenv("SANDBOX_API_KEY"), "API key (default: .sandbox/api-key)")
 	fs.IntVar(&cfg.N, "n", 100, "measured runs per latency scenario")
 	fs.IntVar(&cfg.Warmup, "warmup", 5, "unmeasured runs before each latency scenario")
@@ -132,6 +133,17 @@ func run(ctx context.Context, cfg Config, out outputs) error {
 			return err
 		}
 		r.report.Config.Addr = cfg.Addr
+		if !cfg.Direct {
+			leader, err := r.c.leaderURL(ctx)
+			if err != nil {
+				return err
+			}
+			if leader != strings.TrimRight(cfg.Addr, "/") {
+				r.c = newCluster(leader, key, cfg.PoolTimeout)
+				r.report.Config.Leader = leader
+				fmt.Printf("calls go to the leader at %s (-direct: to %s)\n", leader, cfg.Addr)
+			}
+		}
 	}
 	runErr := r.runAll(ctx, list)
 	cleanupErr := r.close()

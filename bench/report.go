@@ -45,14 +45,16 @@ type RunConfig struct {
 	Requested string   `json:"requested"`
 	Scenarios []string `json:"scenarios"`
 	Addr      string   `json:"addr,omitempty"`
-	N         int      `json:"n"`
-	Warmup    int      `json:"warmup"`
-	Clients   int      `json:"clients"`
-	Duration  string   `json:"duration"`
-	Template  string   `json:"template"`
-	WarmPool  int      `json:"warm_pool"`
-	Burst     int      `json:"burst"`
-	MemGrow   int      `json:"memory_containers"`
+	// Leader is set when the calls went to the leader found through Addr.
+	Leader   string `json:"leader,omitempty"`
+	N        int    `json:"n"`
+	Warmup   int    `json:"warmup"`
+	Clients  int    `json:"clients"`
+	Duration string `json:"duration"`
+	Template string `json:"template"`
+	WarmPool int    `json:"warm_pool"`
+	Burst    int    `json:"burst"`
+	MemGrow  int    `json:"memory_containers"`
 }
 
 // machineInfo reads the host's description from /proc and /etc.
@@ -179,6 +181,9 @@ func (r *Report) markdown() string {
 	fmt.Fprintf(&b, "Commit %s; %d CPUs (%s), %d MiB, kernel %s, %s. `go run ./bench -scenario %s -n %d` (%d clients, %s).\n\n",
 		commit, m.CPUs, orDash(m.CPUModel), m.MemTotalMiB, m.Kernel, orDash(m.OS),
 		orDash(r.Config.Requested), r.Config.N, r.Config.Clients, r.Config.Duration)
+	if r.Config.Leader != "" {
+		fmt.Fprintf(&b, "Calls went to the leader at %s, found through %s (`-direct` sends them to the address given, and a follower forwards them).\n\n", r.Config.Leader, r.Config.Addr)
+	}
 
 	b.WriteString("| scenario | count | p50 ms | p90 ms | p99 ms | max ms | rate /s | note |\n|---|---|---|---|---|---|---|---|\n")
 	for _, x := range r.Results {

@@ -15,7 +15,10 @@ import (
 
 // Config is one run's settings (the command line).
 type Config struct {
-	Addr   string
+	Addr string
+	// Direct sends the calls to -addr as given; otherwise to the leader's
+	// API address, as a client that follows the leader would.
+	Direct bool
 	APIKey string
 	// N is how many measured runs each latency scenario makes; Warmup how
 	// many unmeasured ones come first.
