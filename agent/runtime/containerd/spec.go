@@ -93,7 +93,7 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 		annotations = map[string]string{groupAnnotation: s.Group}
 	}
 
-	return &specs.Spec{
+	sp := &specs.Spec{
 		Version:     specs.Version,
 		Annotations: annotations,
 		// containerd's runc shim mounts the snapshot at <bundle>/rootfs.
@@ -140,12 +140,20 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 			// suite proves it.
 			MaskedPaths:   nil,
 			ReadonlyPaths: nil,
-			// Seccomp: none yet. The hardening issue adds a profile based on
-			// the default one, widened for what bubblewrap needs (unshare,
-			// mount, pivot_root inside its own user namespace).
-			Seccomp: nil,
 		},
 	}
+	// Docker's default profile for a container without capabilities,
+	// widened only by what bubblewrap needs (see seccompProfile).
+	sp.Linux.Seccomp = seccompProfile(sp)
+	return sp
+}
+
+// inodesFor is the inode quota of a tmpfs of mib MiB: one per 16 KiB, at
+// least 4096. A tmpfs otherwise allows inodes by the host's memory, and
+// millions of empty files (each a kernel inode, charged to the container's
+// memory) would escape the size quota.
+func inodesFor(mib int64) int64 {
+	return max(4096, mib*64)
 }
 
 // mounts lists every filesystem in the container besides its root. Nothing
@@ -162,11 +170,11 @@ func mounts(s runtime.Spec, tmpMiB int64) []specs.Mount {
 		// workspace and /tmp also count against Limits.MemoryMiB.
 		{Destination: WorkspacePath, Type: "tmpfs", Source: "tmpfs", Options: []string{
 			"nosuid", "nodev", "mode=0755",
-			fmt.Sprintf("size=%dm", s.Limits.DiskMiB),
+			fmt.Sprintf("size=%dm", s.Limits.DiskMiB), fmt.Sprintf("nr_inodes=%d", inodesFor(s.Limits.DiskMiB)),
 			fmt.Sprintf("uid=%d", SandboxUID), fmt.Sprintf("gid=%d", SandboxGID),
 		}},
 		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{
-			"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", tmpMiB),
+			"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", tmpMiB), fmt.Sprintf("nr_inodes=%d", inodesFor(tmpMiB)),
 		}},
 		{Destination: executorapi.SocketDir, Type: "bind", Source: s.SocketDir, Options: []string{
 			"rbind", "rw", "nosuid", "nodev", "noexec",

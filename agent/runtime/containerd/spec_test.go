@@ -165,3 +165,38 @@ func TestWorkspaceMiB(t *testing.T) {
 		t.Error("workspaceMiB of a container without a spec: no error")
 	}
 }
+
+// TestSeccompProfile: the container's profile is Docker's default for a
+// container without capabilities (everything unlisted is EPERM), widened
+// by bubblewrap's calls only; never unconfined.
+func TestSeccompProfile(t *testing.T) {
+	s := ociSpec(validSpec(), imageInfo{args: []string{"/x"}, pathEnv: "PATH=/bin"}, "/sandbox", 128)
+	p := s.Linux.Seccomp
+	if p == nil || p.DefaultAction != specs.ActErrno || len(p.Architectures) == 0 {
+		t.Fatalf("seccomp profile %+v: want a default action of errno over the native architectures", p)
+	}
+	allowed := map[string]bool{}
+	conditional := map[string]bool{}
+	for _, r := range p.Syscalls {
+		for _, n := range r.Names {
+			if r.Action == specs.ActAllow {
+				if len(r.Args) == 0 {
+					allowed[n] = true
+				} else {
+					conditional[n] = true
+				}
+			}
+		}
+	}
+	for _, n := range append(slices.Clone(bubblewrapSyscalls), "read", "execve", "seccomp", "prctl") {
+		if !allowed[n] {
+			t.Errorf("%s is not allowed: bubblewrap or ordinary code needs it", n)
+		}
+	}
+	for _, n := range []string{"keyctl", "add_key", "request_key", "bpf", "perf_event_open", "setns", "kexec_load",
+		"init_module", "open_by_handle_at", "reboot", "swapon", "acct", "clone3", "fsopen", "move_mount"} {
+		if allowed[n] || conditional[n] {
+			t.Errorf("%s is allowed", n)
+		}
+	}
+}
