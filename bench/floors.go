@@ -190,9 +190,14 @@ func (b *bwrapRun) once(ctx context.Context) (time.Duration, error) {
 		return 0, err
 	}
 	defer code.Close()
+	filter, err := executor.SeccompFile()
+	if err != nil {
+		return 0, err
+	}
+	defer filter.Close()
 	cmd := exec.CommandContext(ctx, b.bwrap, b.args...)
 	cmd.Env = []string{}
-	cmd.ExtraFiles = []*os.File{code}
+	cmd.ExtraFiles = []*os.File{code, filter}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true, Pdeathsig: syscall.SIGKILL,
 		Credential: &syscall.Credential{Uid: sandboxUID, Gid: sandboxUID, Groups: []uint32{sandboxUID}},

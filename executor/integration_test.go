@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sandboxhq/sandbox/executor/executorapi"
 	"github.com/sandboxhq/sandbox/internal/testenv"
 )
@@ -829,6 +831,67 @@ print(json.dumps(out))
 	case <-h.exited:
 		t.Fatal("the executor died")
 	default:
+	}
+}
+
+// TestExecutorSeccomp: the filter bubblewrap installs for user code refuses
+// with EPERM what the container had to allow bubblewrap and what reaches
+// into other processes or the kernel, while ordinary processes still work.
+// With --seccomp taken out of bwrap's arguments this test fails (the calls
+// are then made, and the script dies of one of them).
+func TestExecutorSeccomp(t *testing.T) {
+	h := startExecutor(t, "tok-seccomp", "")
+	h.init(nil)
+	code := fmt.Sprintf(`
+import ctypes, errno, fcntl, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def call(name, fn):
+    ctypes.set_errno(0)
+    rc = fn()
+    out[name] = "ok" if rc >= 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+call("ptrace", lambda: libc.ptrace(0, 0, 0, 0))                   # PTRACE_TRACEME
+call("keyctl", lambda: libc.syscall(%d, 0, -3, 0, 0, 0))          # KEYCTL_GET_KEYRING_ID, session keyring
+call("add_key", lambda: libc.syscall(%d, b"user", b"k", b"v", 1, -3))
+call("bpf", lambda: libc.syscall(%d, 0, 0, 0))
+call("perf_event_open", lambda: libc.syscall(%d, 0, 0, -1, -1, 0))
+call("unshare_user", lambda: libc.unshare(0x10000000))
+call("unshare_net", lambda: libc.unshare(0x40000000))
+call("mount", lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+call("umount", lambda: libc.umount2(b"/workspace", 2))
+call("pivot_root", lambda: libc.syscall(%d, b"/tmp", b"/tmp"))
+call("chroot", lambda: libc.chroot(b"/tmp"))
+call("sethostname", lambda: libc.sethostname(b"evil", 4))
+def tiocsti():
+    try:
+        fcntl.ioctl(0, %d, b"x")
+        return 0
+    except OSError as e:
+        ctypes.set_errno(e.errno)
+        return -1
+call("tiocsti", tiocsti)
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+out["fork"] = os.waitpid(pid, 0)[1] >> 8
+print(json.dumps(out))
+`, unix.SYS_KEYCTL, unix.SYS_ADD_KEY, unix.SYS_BPF, unix.SYS_PERF_EVENT_OPEN, unix.SYS_PIVOT_ROOT, unix.TIOCSTI)
+	res := h.run("seccomp-1", "python", code, 30, nil)
+	if res.State != executorapi.StateCompleted || res.ExitCode != 0 {
+		t.Fatalf("state %s exit %d stderr %q error %q", res.State, res.ExitCode, res.Stderr, res.Error)
+	}
+	var out map[string]any
+	if err := json.Unmarshal([]byte(res.Stdout), &out); err != nil {
+		t.Fatalf("decode %q: %v", res.Stdout, err)
+	}
+	for _, name := range []string{"ptrace", "keyctl", "add_key", "bpf", "perf_event_open", "unshare_user", "unshare_net",
+		"mount", "umount", "pivot_root", "chroot", "sethostname", "tiocsti"} {
+		if out[name] != "EPERM" {
+			t.Errorf("%s: %v, want EPERM", name, out[name])
+		}
+	}
+	if out["fork"] != float64(7) {
+		t.Errorf("fork and wait: %v, want the child's status 7 (processes still work)", out["fork"])
 	}
 }
 

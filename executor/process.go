@@ -34,6 +34,9 @@ const (
 	sandboxCodeDir = "/run/code"
 	// codeFD is the descriptor bwrap reads the code from (the first of ExtraFiles).
 	codeFD = 3
+	// SeccompFD is the descriptor bwrap reads user code's seccomp filter
+	// from (the second of ExtraFiles; see SeccompFile).
+	SeccompFD = 4
 )
 
 // basePath is the PATH user code starts with, and the one interpreters are resolved on.
@@ -103,7 +106,8 @@ type BwrapMounts struct {
 
 // BwrapArgs is bubblewrap's command line for an interpreter (an absolute
 // path in the sandbox) running the code file, which bubblewrap reads from
-// file descriptor 3. Mounts apply in order, so each later one covers what an
+// file descriptor 3, under the seccomp filter it reads from descriptor 4
+// (SeccompFile). Mounts apply in order, so each later one covers what an
 // earlier one put at that path: the root goes first, then /proc, /dev, the
 // workspace, /tmp, the /run tmpfs and the code file on it. It is exported so
 // that the benchmark's floor runs exactly the executor's sandbox.
@@ -123,6 +127,7 @@ func BwrapArgs(m BwrapMounts, interpreterPath, codeFile string, env map[string]s
 		"--tmpfs", sandboxRun,
 		"--ro-bind-data", fmt.Sprint(codeFD), codePath,
 		"--hostname", "sandbox",
+		"--seccomp", fmt.Sprint(SeccompFD),
 		"--chdir", sandboxWorkspace,
 	}
 	for _, k := range slices.Sorted(maps.Keys(env)) {
@@ -186,6 +191,11 @@ func startProcess(spec processSpec, start func(*exec.Cmd) error, wait func(*exec
 		return nil, fmt.Errorf("%w: %w", errStart, err)
 	}
 	defer code.Close()
+	filter, err := SeccompFile()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errStart, err)
+	}
+	defer filter.Close()
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("%w: stdout pipe: %w", errStart, err)
@@ -203,7 +213,7 @@ func startProcess(spec processSpec, start func(*exec.Cmd) error, wait func(*exec
 	cmd.Stdin = nil // /dev/null
 	cmd.Stdout = outW
 	cmd.Stderr = errW
-	cmd.ExtraFiles = []*os.File{code}
+	cmd.ExtraFiles = []*os.File{code, filter}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group, so a timeout kills bwrap and everything
 		// still in its group at once; the pid namespace takes the rest.
