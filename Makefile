@@ -38,6 +38,15 @@ images: build
 test: lint images
 	$(GO) test -race -count=1 -timeout 30m ./...
 
+## test-adversarial: hostile code through the public API into real sandboxes
+## (SECURITY.md lists the cases and the layers that stop each), and the
+## executor's own isolation and seccomp tests. Needs root, containerd, the
+## images; make test runs them too.
+.PHONY: test-adversarial
+test-adversarial: images
+	CI=true $(GO) test -race -count=1 -timeout 20m -v -run 'TestAdversarial' ./internal/e2e/
+	CI=true $(GO) test -race -count=1 -timeout 10m -run 'TestExecutorIsolation|TestExecutorSeccomp|TestSeccomp' ./executor/ ./agent/runtime/containerd/
+
 ## test-unit: the tests that need nothing but Go
 test-unit:
 	$(GO) test -race -count=1 -short ./...

@@ -437,6 +437,33 @@ func containersOf(t *testing.T, sessionID string) []string {
 }
 
 // warmContainers lists the containers warm pools hold unclaimed.
+// waitWarm waits until ClusterService.ListNodes shows want ready warm
+// containers of template across the agents.
+func (c *cluster) waitWarm(t *testing.T, template string, want int32) {
+	t.Helper()
+	cl := sandboxv1connect.NewClusterServiceClient(api.NewH2CClient(), "http://"+c.apiAddr, api.WithBearer(apiKey))
+	ready := func() int32 {
+		resp, err := cl.ListNodes(context.Background(), connect.NewRequest(&sandboxv1.ListNodesRequest{}))
+		must(t, err)
+		var n int32
+		for _, node := range resp.Msg.GetNodes() {
+			for _, p := range node.GetWarmPools() {
+				if p.GetTemplateId() == template {
+					n += p.GetReady()
+				}
+			}
+		}
+		return n
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for ready() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("ListNodes shows %d ready %s containers, want %d", ready(), template, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func warmContainers(t *testing.T) []string {
 	t.Helper()
 	cl, err := containerd.New(testenv.ContainerdAddress())

@@ -246,31 +246,7 @@ print("ok")`})
 	})
 
 	t.Run("a warm pool: sessions claim ready containers and the pool refills", func(t *testing.T) {
-		ctx := context.Background()
-		cl := sandboxv1connect.NewClusterServiceClient(api.NewH2CClient(), "http://"+c.apiAddr, api.WithBearer(apiKey))
-		ready := func() int32 {
-			resp, err := cl.ListNodes(ctx, connect.NewRequest(&sandboxv1.ListNodesRequest{}))
-			must(t, err)
-			var n int32
-			for _, node := range resp.Msg.GetNodes() {
-				for _, p := range node.GetWarmPools() {
-					if p.GetTemplateId() == "python-basic" {
-						n += p.GetReady()
-					}
-				}
-			}
-			return n
-		}
-		waitReady := func(want int32) {
-			t.Helper()
-			deadline := time.Now().Add(60 * time.Second)
-			for ready() != want {
-				if time.Now().After(deadline) {
-					t.Fatalf("ListNodes shows %d ready python-basic containers, want %d", ready(), want)
-				}
-				time.Sleep(100 * time.Millisecond)
-			}
-		}
+		waitReady := func(want int32) { t.Helper(); c.waitWarm(t, "python-basic", want) }
 		if out, errOut, code := c.ctl("", "templates", "update", "python-basic", "--warm-pool", "2"); code != 0 || !strings.Contains(out, "Warm pool") {
 			t.Fatalf("templates update: %d %s %s", code, out, errOut)
 		}
