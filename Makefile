@@ -47,6 +47,22 @@ test-adversarial: images
 	CI=true $(GO) test -race -count=1 -timeout 20m -v -run 'TestAdversarial' ./internal/e2e/
 	CI=true $(GO) test -race -count=1 -timeout 10m -run 'TestExecutorIsolation|TestExecutorSeccomp|TestSeccomp' ./executor/ ./agent/runtime/containerd/
 
+## test-fuzz: each fuzz target for FUZZTIME (default 1m): the artifact
+## collector against hostile workspace trees, the validation of artifact
+## paths, execution ids and env. go test runs their seeds; CI runs
+## test-fuzz-ci (20s each).
+FUZZTIME ?= 1m
+FUZZ_TARGETS := ./executor:FuzzCollector ./agent/artifacts:FuzzValidate .:FuzzValidateEnv
+.PHONY: test-fuzz test-fuzz-ci
+test-fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "== $$fn ($$pkg, $(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
+test-fuzz-ci:
+	$(MAKE) --no-print-directory test-fuzz FUZZTIME=20s
+
 ## test-unit: the tests that need nothing but Go
 test-unit:
 	$(GO) test -race -count=1 -short ./...
