@@ -70,12 +70,12 @@ const cloneNamespaceFlags = unix.CLONE_NEWNS | unix.CLONE_NEWCGROUP | unix.CLONE
 
 // Offsets in struct seccomp_data: nr, arch, instruction pointer, args[6].
 const (
-	seccompNR    = 0
-	seccompArch  = 4
-	seccompArg0  = 16 // low 32 bits on a little-endian machine
-	seccompArg1  = 24
-	auditArchX86 = 0xC000003E // AUDIT_ARCH_X86_64
-	auditArchArm = 0xC00000B7 // AUDIT_ARCH_AARCH64
+	seccompNR     = 0
+	seccompArch   = 4
+	seccompArg0   = 16 // low 32 bits on a little-endian machine
+	seccompArg1   = 24
+	auditArchX86  = 0xC000003E // AUDIT_ARCH_X86_64
+	auditArchArm  = 0xC00000B7 // AUDIT_ARCH_AARCH64
 	x32SyscallBit = 0x40000000
 )
 

@@ -279,7 +279,7 @@ print('leaks=%d visible=%d procs=%s' % (len(leak), len(visible), ','.join(procs)
 			code: `dd if=/dev/zero of=/workspace/big bs=1M count=200 2>/dev/null; echo ws=$(( $(stat -c %s /workspace/big) / 1048576 ))
 dd if=/dev/zero of=/tmp/big bs=1M count=500 2>/dev/null; echo tmp-done
 rm -f /workspace/big; i=0; while [ $i -lt 200000 ] && : > /workspace/f$i 2>/dev/null; do i=$((i+1)); done; echo files=$i; rm -rf /workspace/f*`,
-			limits: &sandboxv1.ResourceLimits{CpuMillis: 1000, MemoryMib: 512, Pids: 64, DiskMib: 32},
+			limits:  &sandboxv1.ResourceLimits{CpuMillis: 1000, MemoryMib: 512, Pids: 64, DiskMib: 32},
 			timeout: 120,
 			check: func(e *sandboxv1.Execution) string {
 				out := e.GetStdout()
