@@ -368,6 +368,7 @@ func (e *Executor) execute(x *execution, log *slog.Logger) executorapi.Result {
 	<-p.done
 	x.markExited()
 	res.DurationMS = time.Since(p.started).Milliseconds()
+	log.Debug("execution exited", "duration_ms", res.DurationMS)
 	res.Stdout, res.StdoutTruncated = stdout.Result()
 	res.Stderr, res.StderrTruncated = stderr.Result()
 	if res.State == executorapi.StateCompleted {
@@ -385,6 +386,7 @@ func (e *Executor) execute(x *execution, log *slog.Logger) executorapi.Result {
 	}
 	stopHeartbeat()
 	callbacks.Wait()
+	log.Debug("execution collected", "artifacts", len(res.Artifacts))
 	return res
 }
 

@@ -129,7 +129,9 @@ func (s *Scheduler) reportOneShot(ctx context.Context, req *agentv1.ReportExecut
 	e.Artifacts = req.GetArtifacts()
 	e.StateReason = req.GetError()
 	e.FinishedAt = timestamppb.Now()
+	begin := time.Now()
 	err = s.apply(ctx, fsm.CreateExecutionType, &statev1.CreateExecution{Execution: e})
+	s.log.Debug("one-shot result committed", "execution", e.GetId(), "commit", time.Since(begin), "err", err)
 	if err == nil {
 		o.out, _ = s.fsm.Execution(e.GetId())
 		if o.out == nil {
