@@ -2,10 +2,13 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"sync"
 
 	"connectrpc.com/connect"
 
+	"github.com/sandboxhq/sandbox"
 	sandboxv1 "github.com/sandboxhq/sandbox/api/gen/sandbox/v1"
 )
 
@@ -30,12 +33,44 @@ type Backend interface {
 	ListTemplates(ctx context.Context) ([]*sandboxv1.Template, error)
 	DeleteTemplate(ctx context.Context, id string) error
 	UpdateTemplate(ctx context.Context, req *sandboxv1.UpdateTemplateRequest) (*sandboxv1.Template, error)
+
+	// LiveSessions counts a tenant's sessions that are not over, for its quota.
+	LiveSessions(tenant string) int
 }
 
 // handlers implements the generated service interfaces on a Backend.
 type handlers struct {
 	b      Backend
 	logger *slog.Logger
+	keys   *Keys // tenants' quotas
+
+	mu sync.Mutex
+	// creating counts, per tenant with a session quota, the creates under
+	// way, so that concurrent creates cannot pass the quota together.
+	creating map[string]int
+}
+
+// admitSession checks the caller's tenant against its session quota and,
+// when admitted, holds a place until done is called.
+func (h *handlers) admitSession(ctx context.Context) (done func(), err error) {
+	tenant := Principal(ctx)
+	q := h.keys.Tenant(tenant)
+	if q == nil || q.MaxSessions <= 0 {
+		return func() {}, nil
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if live := h.b.LiveSessions(tenant) + h.creating[tenant]; live >= q.MaxSessions {
+		return nil, fmt.Errorf("%w: tenant %s holds %d live sessions, its quota; terminate one first", sandbox.ErrResourceExhausted, tenant, live)
+	}
+	h.creating[tenant]++
+	return func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.creating[tenant]--; h.creating[tenant] <= 0 {
+			delete(h.creating, tenant)
+		}
+	}, nil
 }
 
 // fail turns a backend error into the Connect error the client sees, logging
@@ -48,6 +83,11 @@ func (h *handlers) fail(ctx context.Context, err error) error {
 }
 
 func (h *handlers) CreateSession(ctx context.Context, req *connect.Request[sandboxv1.CreateSessionRequest]) (*connect.Response[sandboxv1.CreateSessionResponse], error) {
+	done, err := h.admitSession(ctx)
+	if err != nil {
+		return nil, h.fail(ctx, err)
+	}
+	defer done()
 	s, err := h.b.CreateSession(ctx, req.Msg)
 	if err != nil {
 		return nil, h.fail(ctx, err)
@@ -80,6 +120,9 @@ func (h *handlers) TerminateSession(ctx context.Context, req *connect.Request[sa
 }
 
 func (h *handlers) Execute(ctx context.Context, req *connect.Request[sandboxv1.ExecuteRequest]) (*connect.Response[sandboxv1.ExecuteResponse], error) {
+	if q := h.keys.Tenant(Principal(ctx)); !q.AllowExecution() {
+		return nil, h.fail(ctx, fmt.Errorf("%w: tenant %s is over its rate of %g executions a second; retry shortly", sandbox.ErrResourceExhausted, q.Name, q.ExecutionsPerSecond))
+	}
 	e, err := h.b.Execute(ctx, req.Msg)
 	if err != nil {
 		return nil, h.fail(ctx, err)

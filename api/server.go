@@ -44,9 +44,9 @@ var services = []string{
 // Connect, gRPC and gRPC-Web, gRPC reflection and health (unauthenticated, as
 // load balancers and grpcurl expect), and /metrics.
 func NewHandler(cfg Config) http.Handler {
-	h := &handlers{b: cfg.Backend, logger: cfg.Logger}
+	h := &handlers{b: cfg.Backend, logger: cfg.Logger, keys: cfg.Keys, creating: map[string]int{}}
 	opts := []connect.HandlerOption{
-		connect.WithInterceptors(NewObserveInterceptor(cfg.Registry, cfg.Logger), NewAuthInterceptor(cfg.Keys)),
+		connect.WithInterceptors(NewObserveInterceptor(cfg.Registry, cfg.Logger), NewAuthInterceptor(cfg.Keys), adminOnly{}),
 		connect.WithReadMaxBytes(MaxRequestBytes),
 		connect.WithCompressMinBytes(CompressMinBytes),
 	}

@@ -144,13 +144,14 @@ func (s *Scheduler) handOver(ctx context.Context, agent *statev1.Agent, sess *sa
 	return err
 }
 
-// GetExecution returns one execution.
-func (s *Scheduler) GetExecution(_ context.Context, id string) (*sandboxv1.Execution, error) {
+// GetExecution returns one execution; another tenant's does not exist for
+// the caller (see GetSession).
+func (s *Scheduler) GetExecution(ctx context.Context, id string) (*sandboxv1.Execution, error) {
 	if id == "" {
 		return nil, fmt.Errorf("%w: execution_id is required", sandbox.ErrInvalidArgument)
 	}
 	e, ok := s.fsm.Execution(id)
-	if !ok {
+	if !ok || !api.CanSee(ctx, e.GetTenant()) {
 		return nil, fmt.Errorf("%w: execution %q does not exist", sandbox.ErrNotFound, id)
 	}
 	return e, nil

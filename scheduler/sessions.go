@@ -270,13 +270,16 @@ func (s *Scheduler) resolveMaxLifetime(seconds int32) (time.Duration, error) {
 	return time.Duration(seconds) * time.Second, nil
 }
 
-// GetSession returns one session.
-func (s *Scheduler) GetSession(_ context.Context, id string) (*sandboxv1.Session, error) {
+// GetSession returns one session. Another tenant's session does not exist
+// for the caller (api.CanSee): it gets the answer an unknown id gets, so ids
+// cannot be probed across tenants. Every call on a session or its
+// executions looks it up through here.
+func (s *Scheduler) GetSession(ctx context.Context, id string) (*sandboxv1.Session, error) {
 	if id == "" {
 		return nil, fmt.Errorf("%w: session_id is required", sandbox.ErrInvalidArgument)
 	}
 	sess, ok := s.fsm.Session(id)
-	if !ok {
+	if !ok || !api.CanSee(ctx, sess.GetTenant()) {
 		return nil, fmt.Errorf("%w: session %q does not exist", sandbox.ErrNotFound, id)
 	}
 	if sess.GetContainerId() == "" {
@@ -291,13 +294,17 @@ func (s *Scheduler) GetSession(_ context.Context, id string) (*sandboxv1.Session
 }
 
 // ListSessions returns the sessions matching the filter, oldest first, one page at a time.
-func (s *Scheduler) ListSessions(_ context.Context, req *sandboxv1.ListSessionsRequest) ([]*sandboxv1.Session, string, error) {
+// A tenant's key lists its own sessions only; an admin key lists all.
+func (s *Scheduler) ListSessions(ctx context.Context, req *sandboxv1.ListSessionsRequest) ([]*sandboxv1.Session, string, error) {
 	for _, st := range req.GetStates() {
 		if _, ok := sandboxv1.SessionState_name[int32(st)]; !ok || st == sandboxv1.SessionState_SESSION_STATE_UNSPECIFIED {
 			return nil, "", fmt.Errorf("%w: states: %v is not a session state", sandbox.ErrInvalidArgument, st)
 		}
 	}
 	all := s.fsm.Sessions(func(sess *sandboxv1.Session) bool {
+		if !api.CanSee(ctx, sess.GetTenant()) {
+			return false
+		}
 		if len(req.GetStates()) > 0 && !slices.Contains(req.GetStates(), sess.GetState()) {
 			return false
 		}
@@ -408,4 +415,12 @@ func paginate[T any](all []T, size int32, token string) ([]T, string, error) {
 		next = base64.RawURLEncoding.EncodeToString([]byte(strconv.Itoa(end)))
 	}
 	return all[off:end], next, nil
+}
+
+// LiveSessions counts the tenant's sessions that are not over (for its
+// session quota).
+func (s *Scheduler) LiveSessions(tenant string) int {
+	return len(s.fsm.Sessions(func(sess *sandboxv1.Session) bool {
+		return sess.GetTenant() == tenant && !sandbox.SessionState(sess.GetState()).Terminal()
+	}))
 }

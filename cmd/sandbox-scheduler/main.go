@@ -46,7 +46,7 @@ func run() error {
 		apiAddr          = flag.String("api-addr", "127.0.0.1:7400", "public API address (Connect, gRPC, gRPC-Web, /metrics)")
 		internalAddr     = flag.String("internal-addr", "127.0.0.1:7401", "internal address agents call (ControlPlaneService)")
 		raftAddr         = flag.String("raft-addr", "127.0.0.1:7300", "Raft transport address")
-		apiKeysFile      = flag.String("api-keys-file", "", "file of accepted API keys, one per line (\"KEY\" or \"NAME KEY\")")
+		apiKeysFile      = flag.String("api-keys-file", "", "file of accepted API keys, one per line: \"TENANT KEY [admin] [rate=R] [sessions=N] [executions=R]\" (KEY may be sha256:HEX; docs/operations.md)")
 		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error")
 		bootstrapExpect  = flag.Int("bootstrap-expect", 0, "number of servers that form a new cluster together; 0 with --join: join an existing cluster; 0 alone: wait to be added with sandboxctl cluster join (default: 1 without --join)")
@@ -71,6 +71,10 @@ func run() error {
 	keys, err := api.LoadKeys(*apiKeysFile)
 	if err != nil {
 		return err
+	}
+	if keys.Admins() == 0 {
+		logger.Warn("no API key is marked admin: nobody can manage templates or the cluster through the API; add \"admin\" to an operator's line in the key file",
+			"api_keys_file", *apiKeysFile)
 	}
 	token, err := readToken(*clusterTokenFile)
 	if err != nil {

@@ -52,7 +52,9 @@ umask 077
 newkey() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 [ -s "$STATE/api-key" ] || newkey >"$STATE/api-key"
 [ -s "$STATE/cluster-token" ] || newkey >"$STATE/cluster-token"
-printf 'dev %s\n' "$(cat "$STATE/api-key")" >"$STATE/api-keys"
+# The development key is an admin key: it manages templates and the cluster
+# too. Add tenants' keys as "TENANT KEY" lines (docs/operations.md).
+printf 'dev %s admin\n' "$(cat "$STATE/api-key")" >"$STATE/api-keys"
 umask 022
 }
 

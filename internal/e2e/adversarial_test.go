@@ -462,6 +462,108 @@ func adversarialAfter(t *testing.T, c *cluster, neighbour *sandboxv1.Session) {
 		c.terminate(hog.GetId())
 	})
 
+	t.Run("tenants: another tenant's ids, lists, admin calls, quotas, rate limits", func(t *testing.T) {
+		t.Log("layers: api (keys belong to tenants; every object to one)")
+		ctx := context.Background()
+		acme, globex := c.clientsFor(tenantKey), c.clientsFor(otherKey)
+		resp, err := acme.sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"}))
+		if err != nil {
+			t.Fatalf("acme's CreateSession: %v", err)
+		}
+		mine := resp.Msg.GetSession()
+		if mine.GetTenant() != "acme" {
+			t.Errorf("acme's session belongs to %q", mine.GetTenant())
+		}
+		ex, err := acme.executions.Execute(ctx, connect.NewRequest(&sandboxv1.ExecuteRequest{SessionId: mine.GetId(), Language: "bash", Code: "echo secret > /workspace/out.txt; echo ok"}))
+		if err != nil || strings.TrimSpace(ex.Msg.GetExecution().GetStdout()) != "ok" {
+			t.Fatalf("acme's Execute: %v %v", err, ex)
+		}
+		exec := ex.Msg.GetExecution()
+
+		// Every way globex could reach acme's session answers not_found.
+		_, err = globex.sessions.GetSession(ctx, connect.NewRequest(&sandboxv1.GetSessionRequest{SessionId: mine.GetId()}))
+		wantCode(t, err, connect.CodeNotFound)
+		_, err = globex.executions.Execute(ctx, connect.NewRequest(&sandboxv1.ExecuteRequest{SessionId: mine.GetId(), Language: "bash", Code: "cat /workspace/out.txt"}))
+		wantCode(t, err, connect.CodeNotFound)
+		_, err = globex.sessions.TerminateSession(ctx, connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: mine.GetId()}))
+		wantCode(t, err, connect.CodeNotFound)
+		_, err = globex.executions.GetExecution(ctx, connect.NewRequest(&sandboxv1.GetExecutionRequest{ExecutionId: exec.GetId()}))
+		wantCode(t, err, connect.CodeNotFound)
+		_, err = globex.executions.ListExecutions(ctx, connect.NewRequest(&sandboxv1.ListExecutionsRequest{SessionId: mine.GetId()}))
+		wantCode(t, err, connect.CodeNotFound)
+		_, err = globex.executions.CancelExecution(ctx, connect.NewRequest(&sandboxv1.CancelExecutionRequest{ExecutionId: exec.GetId()}))
+		wantCode(t, err, connect.CodeNotFound)
+		stream, err := globex.executions.DownloadArtifact(ctx, connect.NewRequest(&sandboxv1.DownloadArtifactRequest{ExecutionId: exec.GetId(), Path: "out.txt"}))
+		if err == nil {
+			for stream.Receive() {
+				t.Error("globex received a chunk of acme's artifact")
+			}
+			err = stream.Err()
+		}
+		wantCode(t, err, connect.CodeNotFound)
+		// Lists show one's own only; the admin key sees all.
+		list, err := globex.sessions.ListSessions(ctx, connect.NewRequest(&sandboxv1.ListSessionsRequest{}))
+		must(t, err)
+		for _, s := range list.Msg.GetSessions() {
+			if s.GetTenant() != "globex" {
+				t.Errorf("globex lists %s of tenant %q", s.GetId(), s.GetTenant())
+			}
+		}
+		list, err = acme.sessions.ListSessions(ctx, connect.NewRequest(&sandboxv1.ListSessionsRequest{}))
+		must(t, err)
+		for _, s := range list.Msg.GetSessions() {
+			if s.GetTenant() != "acme" {
+				t.Errorf("acme lists %s of tenant %q", s.GetId(), s.GetTenant())
+			}
+		}
+		if got := c.getSession(mine.GetId()); got.GetId() != mine.GetId() {
+			t.Errorf("the admin key cannot see acme's session")
+		}
+
+		// Templates and the cluster are for admin keys.
+		_, err = acme.templates.UpdateTemplate(ctx, connect.NewRequest(&sandboxv1.UpdateTemplateRequest{TemplateId: "python-basic", WarmPoolSize: ptr[int32](5)}))
+		wantCode(t, err, connect.CodePermissionDenied)
+		_, err = acme.cluster.ListNodes(ctx, connect.NewRequest(&sandboxv1.ListNodesRequest{}))
+		wantCode(t, err, connect.CodePermissionDenied)
+		if _, err := acme.templates.ListTemplates(ctx, connect.NewRequest(&sandboxv1.ListTemplatesRequest{})); err != nil {
+			t.Errorf("acme cannot list templates: %v", err)
+		}
+
+		// acme may hold 3 live sessions.
+		ids := []string{mine.GetId()}
+		for range 2 {
+			r, err := acme.sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"}))
+			if err != nil {
+				t.Fatalf("acme's session within its quota: %v", err)
+			}
+			ids = append(ids, r.Msg.GetSession().GetId())
+		}
+		_, err = acme.sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"}))
+		wantCode(t, err, connect.CodeResourceExhausted)
+		if _, err := acme.sessions.TerminateSession(ctx, connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: ids[2]})); err != nil {
+			t.Fatal(err)
+		}
+		r, err := acme.sessions.CreateSession(ctx, connect.NewRequest(&sandboxv1.CreateSessionRequest{TemplateId: "python-basic"}))
+		if err != nil {
+			t.Fatalf("acme's session after one ended: %v", err)
+		}
+		ids = append(ids[:2], r.Msg.GetSession().GetId())
+		for _, id := range ids {
+			_, _ = acme.sessions.TerminateSession(ctx, connect.NewRequest(&sandboxv1.TerminateSessionRequest{SessionId: id}))
+		}
+
+		// globex's key may make 20 calls a second.
+		limited := 0
+		for range 20 {
+			if _, err := globex.templates.ListTemplates(ctx, connect.NewRequest(&sandboxv1.ListTemplatesRequest{})); connect.CodeOf(err) == connect.CodeResourceExhausted {
+				limited++
+			}
+		}
+		if limited == 0 {
+			t.Error("60 quick calls of a key limited to 20 a second were all served")
+		}
+	})
+
 	t.Run("malformed and oversized requests", func(t *testing.T) {
 		t.Log("layers: api (validation, request size limits)")
 		ctx := context.Background()

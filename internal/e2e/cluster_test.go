@@ -7,6 +7,8 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/http"
@@ -31,6 +33,24 @@ import (
 )
 
 const apiKey = "e2e-test-key-0123456789abcdef"
+
+// Keys of two more tenants, for the tenant tests: tenantKey (tenant "acme",
+// at most 3 live sessions) and otherKey (tenant "globex", 20 calls a second),
+// stored hashed as an operator would.
+const (
+	tenantKey = "acme-key-0123456789abcdef"
+	otherKey  = "globex-key-0123456789abcdef"
+)
+
+// apiKeysFile is the servers' key file: the admin key, then the tenants'.
+var apiKeysFile = "e2e " + apiKey + " admin\n" +
+	"acme sha256:" + sha256Hex(tenantKey) + " sessions=3\n" +
+	"globex " + otherKey + " rate=20\n"
+
+func sha256Hex(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
+}
 
 var (
 	buildOnce sync.Once
@@ -163,7 +183,7 @@ func startServersIn(t *testing.T, n int, dir func() string) *cluster {
 		c.servers = append(c.servers, &server{id: fmt.Sprintf("e2e-%d", i+1), apiAddr: freePort(t), internalAddr: freePort(t), raftAddr: freePort(t), gossipAddr: freePort(t)})
 	}
 	c.apiAddr, c.internalAddr = c.servers[0].apiAddr, c.servers[0].internalAddr
-	must(t, os.WriteFile(filepath.Join(c.dir, "api-keys"), []byte("e2e "+apiKey+"\n"), 0o600))
+	must(t, os.WriteFile(filepath.Join(c.dir, "api-keys"), []byte(apiKeysFile), 0o600))
 	must(t, os.WriteFile(filepath.Join(c.dir, "cluster-token"), []byte("e2e-cluster-token-0123456789\n"), 0o600))
 	for _, srv := range c.servers {
 		c.startServer(srv)
@@ -177,12 +197,28 @@ func startServersIn(t *testing.T, n int, dir func() string) *cluster {
 
 // useServer points the clients at one server.
 func (c *cluster) useServer(srv *server) {
-	hc := api.NewH2CClient()
-	url := "http://" + srv.apiAddr
 	c.apiAddr = srv.apiAddr
-	c.sessions = sandboxv1connect.NewSessionServiceClient(hc, url, api.WithBearer(apiKey))
-	c.executions = sandboxv1connect.NewExecutionServiceClient(hc, url, api.WithBearer(apiKey))
-	c.templates = sandboxv1connect.NewTemplateServiceClient(hc, url, api.WithBearer(apiKey))
+	cl := c.clientsFor(apiKey)
+	c.sessions, c.executions, c.templates = cl.sessions, cl.executions, cl.templates
+}
+
+// clients are the public API's clients for one key.
+type clients struct {
+	sessions   sandboxv1connect.SessionServiceClient
+	executions sandboxv1connect.ExecutionServiceClient
+	templates  sandboxv1connect.TemplateServiceClient
+	cluster    sandboxv1connect.ClusterServiceClient
+}
+
+// clientsFor returns clients that call the current server with key.
+func (c *cluster) clientsFor(key string) clients {
+	hc, url := api.NewH2CClient(), "http://"+c.apiAddr
+	return clients{
+		sessions:   sandboxv1connect.NewSessionServiceClient(hc, url, api.WithBearer(key)),
+		executions: sandboxv1connect.NewExecutionServiceClient(hc, url, api.WithBearer(key)),
+		templates:  sandboxv1connect.NewTemplateServiceClient(hc, url, api.WithBearer(key)),
+		cluster:    sandboxv1connect.NewClusterServiceClient(hc, url, api.WithBearer(key)),
+	}
 }
 
 func must(t *testing.T, err error) {

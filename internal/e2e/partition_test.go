@@ -190,7 +190,7 @@ func (s *nsServer) at(port string) string { return s.ip + ":" + port }
 func startNSServers(t *testing.T, tn *testNet) []*nsServer {
 	t.Helper()
 	bin, dir := binaries(t), t.TempDir()
-	must(t, os.WriteFile(filepath.Join(dir, "api-keys"), []byte("e2e "+apiKey+"\n"), 0o600))
+	must(t, os.WriteFile(filepath.Join(dir, "api-keys"), []byte(apiKeysFile), 0o600))
 	must(t, os.WriteFile(filepath.Join(dir, "cluster-token"), []byte("e2e-cluster-token-0123456789\n"), 0o600))
 	var servers []*nsServer
 	for i, ns := range tn.ns {
