@@ -284,7 +284,7 @@ func New(cfg Config) (*Agent, error) {
 
 	mux := http.NewServeMux()
 	clusterKeys := &api.Keys{}
-	clusterKeys.Add("cluster", cfg.ClusterToken)
+	clusterKeys.AddAdmin("cluster", cfg.ClusterToken)
 	path, h := agentv1connect.NewAgentServiceHandler(&service{a: a},
 		// Auth first: only an authenticated server may raise the fence term.
 		connect.WithInterceptors(api.NewAuthInterceptor(clusterKeys), a.fenceInterceptor()),

@@ -184,9 +184,10 @@ func validTenant(t string) error {
 	return nil
 }
 
-// Add accepts one more key for a tenant (no options).
-func (k *Keys) Add(tenant, key string) {
-	k.entries = append(k.entries, &keyEntry{sum: sha256.Sum256([]byte(key)), tenant: tenant})
+// AddAdmin accepts one more admin key: the cluster token, on the internal
+// ports, whose callers (servers, agents) act on every tenant's objects.
+func (k *Keys) AddAdmin(tenant, key string) {
+	k.entries = append(k.entries, &keyEntry{sum: sha256.Sum256([]byte(key)), tenant: tenant, admin: true})
 }
 
 // Tenant returns a tenant's quotas (nil when it has none).

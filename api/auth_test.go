@@ -81,6 +81,17 @@ globex sha256:`+hex.EncodeToString(sum[:])+`
 	}
 }
 
+// TestClusterKeyIsAdmin: the internal ports' cluster token acts on every
+// tenant's objects (an agent's report of any tenant's execution).
+func TestClusterKeyIsAdmin(t *testing.T) {
+	k := &Keys{}
+	k.AddAdmin("cluster", "cluster-token-0123456789")
+	ctx, err := (&authInterceptor{keys: k}).check(context.Background(), map[string][]string{"Authorization": {"Bearer cluster-token-0123456789"}})
+	if err != nil || !IsAdmin(ctx) || !CanSee(ctx, "acme") {
+		t.Fatalf("the cluster token: %v, admin %v", err, IsAdmin(ctx))
+	}
+}
+
 func TestBucket(t *testing.T) {
 	b := newBucket(2)
 	now := time.Unix(1000, 0)

@@ -23,7 +23,7 @@ import (
 // ControlPlaneService the agents call, authenticated by the cluster token.
 func (s *Scheduler) ControlPlaneHandler() http.Handler {
 	keys := &api.Keys{}
-	keys.Add("cluster", s.cfg.ClusterToken)
+	keys.AddAdmin("cluster", s.cfg.ClusterToken)
 	mux := http.NewServeMux()
 	mux.Handle(agentv1connect.NewControlPlaneServiceHandler(&controlPlane{s: s},
 		connect.WithInterceptors(api.NewAuthInterceptor(keys)),
