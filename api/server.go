@@ -1,6 +1,7 @@
 package api
 
 import (
+	"crypto/tls"
 	"log/slog"
 	"net/http"
 	"time"
@@ -64,12 +65,21 @@ func NewHandler(cfg Config) http.Handler {
 }
 
 // NewServer returns an HTTP server for handler that speaks HTTP/1.1 and
-// cleartext HTTP/2 (h2c), so one port serves Connect, gRPC and gRPC-Web.
-func NewServer(addr string, handler http.Handler) *http.Server {
+// cleartext HTTP/2 (h2c), so one port serves Connect, gRPC and gRPC-Web;
+// given a TLS configuration (serve it with ServeTLS), HTTP/1.1 and HTTP/2
+// over TLS instead.
+func NewServer(addr string, handler http.Handler, tlsConfig ...*tls.Config) *http.Server {
 	p := new(http.Protocols)
 	p.SetHTTP1(true)
-	p.SetUnencryptedHTTP2(true)
+	var tc *tls.Config
+	if len(tlsConfig) > 0 && tlsConfig[0] != nil {
+		tc = tlsConfig[0]
+		p.SetHTTP2(true)
+	} else {
+		p.SetUnencryptedHTTP2(true)
+	}
 	return &http.Server{
+		TLSConfig:         tc,
 		Addr:              addr,
 		Handler:           handler,
 		Protocols:         p,

@@ -96,7 +96,7 @@ func (s *Scheduler) Forward(next http.Handler, port Port) http.Handler {
 			return
 		}
 		r.Header.Set(forwardedHeader, s.cfg.Self.GetId())
-		s.proxy(target, fail).ServeHTTP(w, r)
+		s.proxy(target, port, fail).ServeHTTP(w, r)
 	})
 }
 
@@ -129,16 +129,30 @@ func (s *Scheduler) leaderAddress(port Port) string {
 
 // proxy returns the reverse proxy to one leader address (cleartext HTTP/2,
 // so gRPC's trailers and streams pass through).
-func (s *Scheduler) proxy(target string, fail func(http.ResponseWriter, *http.Request, error)) *httputil.ReverseProxy {
+func (s *Scheduler) proxy(target string, port Port, fail func(http.ResponseWriter, *http.Request, error)) *httputil.ReverseProxy {
 	s.proxiesMu.Lock()
 	defer s.proxiesMu.Unlock()
-	if p, ok := s.proxies[target]; ok {
+	tlsConfig := s.cfg.PublicTLS
+	if port != PublicPort {
+		tlsConfig = nil
+	}
+	key := target
+	if tlsConfig != nil {
+		key = "https://" + target
+	}
+	if p, ok := s.proxies[key]; ok {
 		return p
 	}
 	u := &url.URL{Scheme: "http", Host: target}
 	t := &http.Transport{ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 64}
 	t.Protocols = new(http.Protocols)
-	t.Protocols.SetUnencryptedHTTP2(true)
+	if tlsConfig != nil {
+		u.Scheme = "https"
+		t.TLSClientConfig = tlsConfig.Clone()
+		t.Protocols.SetHTTP2(true)
+	} else {
+		t.Protocols.SetUnencryptedHTTP2(true)
+	}
 	p := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(u)
@@ -150,7 +164,7 @@ func (s *Scheduler) proxy(target string, fail func(http.ResponseWriter, *http.Re
 			fail(w, r, connect.NewError(connect.CodeUnavailable, errors.New("the leader at "+target+" did not answer; retry: "+err.Error())))
 		},
 	}
-	s.proxies[target] = p
+	s.proxies[key] = p
 	return p
 }
 

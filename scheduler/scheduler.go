@@ -10,6 +10,7 @@ package scheduler
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/base32"
 	"encoding/hex"
 	"errors"
@@ -64,9 +65,12 @@ type Config struct {
 	// before its sessions are declared LOST.
 	AgentDeadGrace time.Duration
 	// Self describes this server: id and its Raft, API and internal addresses.
-	Self     *sandboxv1.Server
-	Logger   *slog.Logger
-	Registry prometheus.Registerer
+	Self *sandboxv1.Server
+	// PublicTLS, when the public API is served over TLS, is the client
+	// configuration a follower forwards public calls to the leader with.
+	PublicTLS *tls.Config
+	Logger    *slog.Logger
+	Registry  prometheus.Registerer
 }
 
 // DefaultConfig returns the defaults for a LAN deployment.

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -57,6 +58,9 @@ func run() error {
 		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7500", "gossip (memberlist) bind address; agents join it")
 		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of other servers")
 		maxLifetime      = flag.Duration("default-max-lifetime", scheduler.DefaultConfig().DefaultMaxLifetime, "maximum lifetime of sessions that ask for none")
+		tlsCert          = flag.String("tls-cert-file", "", "PEM certificate of the public API; with --tls-key-file the API is served over TLS (HTTP/2 and HTTP/1.1) instead of cleartext h2c")
+		tlsKey           = flag.String("tls-key-file", "", "PEM private key of --tls-cert-file")
+		tlsCA            = flag.String("tls-ca-file", "", "PEM bundle servers verify each other's API certificates with when they forward calls to the leader (default: the system's roots plus --tls-cert-file itself)")
 		pprofAddr        = flag.String("pprof-addr", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; empty: off")
 	)
 	flag.Parse()
@@ -67,6 +71,13 @@ func run() error {
 	}
 	if *apiKeysFile == "" || *clusterTokenFile == "" {
 		return errors.New("--api-keys-file and --cluster-token-file are required")
+	}
+	tlsFiles := api.TLSFiles{Cert: *tlsCert, Key: *tlsKey, CA: *tlsCA}
+	var serverTLS, peerTLS *tls.Config
+	if tlsFiles.Enabled() {
+		if serverTLS, peerTLS, err = tlsFiles.Load(); err != nil {
+			return err
+		}
 	}
 	keys, err := api.LoadKeys(*apiKeysFile)
 	if err != nil {
@@ -114,6 +125,7 @@ func run() error {
 	scfg.Registry = reg
 	scfg.Retention = *retention
 	scfg.DefaultMaxLifetime = *maxLifetime
+	scfg.PublicTLS = peerTLS
 	scfg.Self = &sandboxv1.Server{Id: *id, Address: *raftAddr, ApiAddress: *apiAddr, InternalAddress: *internalAddr}
 	mesh, err := joinMesh(ctx, logger, *gossipAddr, *gossipJoin, token, scfg.Self)
 	if err != nil {
@@ -136,13 +148,17 @@ func run() error {
 		expect = 1
 	}
 
-	pub := api.NewServer(*apiAddr, sched.Forward(api.NewHandler(api.Config{Backend: sched, Cluster: sched, Keys: keys, Logger: logger, Registry: reg}), scheduler.PublicPort))
+	pub := api.NewServer(*apiAddr, sched.Forward(api.NewHandler(api.Config{Backend: sched, Cluster: sched, Keys: keys, Logger: logger, Registry: reg}), scheduler.PublicPort), serverTLS)
 	internal := api.NewServer(*internalAddr, sched.Forward(sched.ControlPlaneHandler(), scheduler.InternalPort))
 	errc := make(chan error, 3)
 	for _, srv := range []*http.Server{pub, internal} {
 		ln, err := net.Listen("tcp", srv.Addr)
 		if err != nil {
 			return err
+		}
+		if srv.TLSConfig != nil {
+			go func() { errc <- srv.ServeTLS(ln, "", "") }()
+			continue
 		}
 		go func() { errc <- srv.Serve(ln) }()
 	}
@@ -152,7 +168,7 @@ func run() error {
 			errc <- fmt.Errorf("joining the cluster: %w", err)
 		}
 	}()
-	logger.Info("scheduler started", "id", *id, "api", *apiAddr, "internal", *internalAddr, "raft", *raftAddr, "data_dir", *dataDir)
+	logger.Info("scheduler started", "id", *id, "api", *apiAddr, "api_tls", serverTLS != nil, "internal", *internalAddr, "raft", *raftAddr, "data_dir", *dataDir)
 
 	select {
 	case <-ctx.Done():

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/sandboxhq/sandbox/api"
 	"github.com/sandboxhq/sandbox/api/gen/sandbox/v1/sandboxv1connect"
 )
 
@@ -23,6 +25,7 @@ const (
 	defaultAddr = "http://127.0.0.1:7400"
 	envAddr     = "SANDBOX_ADDR"
 	envAPIKey   = "SANDBOX_API_KEY"
+	envCAFile   = "SANDBOX_CA_FILE"
 	// apiKeyFile is looked up in the current directory and its parents
 	// (where `make up` writes the dev key), then in $HOME.
 	apiKeyFile = ".sandbox/api-key"
@@ -44,6 +47,7 @@ const (
 type globalFlags struct {
 	addr     string
 	apiKey   string
+	caFile   string
 	protocol string
 	stale    bool
 }
@@ -55,6 +59,10 @@ func (g *globalFlags) register(fs *flag.FlagSet) {
 	})
 	fs.Func("api-key", "`KEY` to authenticate with (env "+envAPIKey+", default: the contents of "+apiKeyFile+" in the current directory, its parents or $HOME)", func(s string) error {
 		g.apiKey = s
+		return nil
+	})
+	fs.Func("ca-file", "PEM `FILE` of the certificates that sign an https API's (env "+envCAFile+", default: the system's)", func(s string) error {
+		g.caFile = s
 		return nil
 	})
 	fs.Func("protocol", "`PROTOCOL` on the wire: connect (default), grpc or grpcweb", func(s string) error {
@@ -79,13 +87,17 @@ func (g *globalFlags) register(fs *flag.FlagSet) {
 type config struct {
 	addr     string
 	apiKey   string
+	caFile   string
 	protocol string
 	stale    bool
 }
 
 // config resolves flags, then the environment, then the defaults.
 func (a *app) config() (config, error) {
-	c := config{addr: a.global.addr, apiKey: a.global.apiKey, protocol: a.global.protocol, stale: a.global.stale}
+	c := config{addr: a.global.addr, apiKey: a.global.apiKey, caFile: a.global.caFile, protocol: a.global.protocol, stale: a.global.stale}
+	if c.caFile == "" {
+		c.caFile = a.getenv(envCAFile)
+	}
 	if c.addr == "" {
 		c.addr = a.getenv(envAddr)
 	}
@@ -169,7 +181,7 @@ func (a *app) clients() (*clients, error) {
 	if err != nil {
 		return nil, err
 	}
-	hc, err := newHTTPClient(cfg.addr)
+	hc, err := newHTTPClient(cfg.addr, cfg.caFile)
 	if err != nil {
 		return nil, err
 	}
@@ -191,7 +203,7 @@ func (a *app) clients() (*clients, error) {
 // newHTTPClient returns a client that speaks HTTP/2 without TLS (h2c, prior
 // knowledge) to http:// addresses, as the API servers do, and negotiates
 // HTTP/2 or HTTP/1.1 over TLS for https:// ones.
-func newHTTPClient(addr string) (*http.Client, error) {
+func newHTTPClient(addr, caFile string) (*http.Client, error) {
 	u, err := url.Parse(addr)
 	if err != nil {
 		return nil, usagef("bad API address %q: %v", addr, err)
@@ -204,6 +216,13 @@ func newHTTPClient(addr string) (*http.Client, error) {
 	case "https":
 		p.SetHTTP1(true)
 		p.SetHTTP2(true)
+		if caFile != "" {
+			roots, err := api.RootsFrom(caFile)
+			if err != nil {
+				return nil, usagef("%v", err)
+			}
+			tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
+		}
 	default:
 		return nil, usagef("bad API address %q: the scheme must be http or https", addr)
 	}

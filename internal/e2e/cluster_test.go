@@ -7,9 +7,17 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -130,6 +138,10 @@ type cluster struct {
 	agentID      string
 	containerd   string
 	agent        *exec.Cmd
+	// tlsDir, when set, holds the public API's certificate (cert.pem, which
+	// is also the CA clients trust) and key: the servers serve the API
+	// over TLS and the clients call it with https.
+	tlsDir string
 
 	sessions   sandboxv1connect.SessionServiceClient
 	executions sandboxv1connect.ExecutionServiceClient
@@ -162,7 +174,7 @@ func startServers(t *testing.T, n int) *cluster {
 // startServersIn is startServers with the cluster's files in the directory
 // dir returns. Keep it short: the agent's unix socket paths, under it, must
 // fit in 108 bytes, and t.TempDir grows with the test's name.
-func startServersIn(t *testing.T, n int, dir func() string) *cluster {
+func startServersIn(t *testing.T, n int, dir func() string, opts ...func(*cluster)) *cluster {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end test; -short skips it")
@@ -183,6 +195,9 @@ func startServersIn(t *testing.T, n int, dir func() string) *cluster {
 		c.servers = append(c.servers, &server{id: fmt.Sprintf("e2e-%d", i+1), apiAddr: freePort(t), internalAddr: freePort(t), raftAddr: freePort(t), gossipAddr: freePort(t)})
 	}
 	c.apiAddr, c.internalAddr = c.servers[0].apiAddr, c.servers[0].internalAddr
+	for _, o := range opts {
+		o(c)
+	}
 	must(t, os.WriteFile(filepath.Join(c.dir, "api-keys"), []byte(apiKeysFile), 0o600))
 	must(t, os.WriteFile(filepath.Join(c.dir, "cluster-token"), []byte("e2e-cluster-token-0123456789\n"), 0o600))
 	for _, srv := range c.servers {
@@ -202,6 +217,47 @@ func (c *cluster) useServer(srv *server) {
 	c.sessions, c.executions, c.templates = cl.sessions, cl.executions, cl.templates
 }
 
+// apiURL is the URL of a server's API address.
+func (c *cluster) apiURL(addr string) string {
+	if c.tlsDir != "" {
+		return "https://" + addr
+	}
+	return "http://" + addr
+}
+
+// httpClient speaks to the API: h2c, or HTTP/2 over TLS trusting the
+// cluster's certificate.
+func (c *cluster) httpClient() *http.Client {
+	if c.tlsDir == "" {
+		return api.NewH2CClient()
+	}
+	roots, err := api.RootsFrom(filepath.Join(c.tlsDir, "cert.pem"))
+	must(c.t, err)
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true}}
+}
+
+// withTLS makes the cluster serve its public API over TLS, with a
+// self-signed certificate for 127.0.0.1 that every server shares.
+func withTLS(c *cluster) {
+	c.tlsDir = filepath.Join(c.dir, "tls")
+	must(c.t, os.MkdirAll(c.tlsDir, 0o700))
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	must(c.t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "sandbox e2e"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	must(c.t, err)
+	kder, err := x509.MarshalECPrivateKey(key)
+	must(c.t, err)
+	must(c.t, os.WriteFile(filepath.Join(c.tlsDir, "cert.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600))
+	must(c.t, os.WriteFile(filepath.Join(c.tlsDir, "key.pem"), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600))
+}
+
 // clients are the public API's clients for one key.
 type clients struct {
 	sessions   sandboxv1connect.SessionServiceClient
@@ -212,7 +268,7 @@ type clients struct {
 
 // clientsFor returns clients that call the current server with key.
 func (c *cluster) clientsFor(key string) clients {
-	hc, url := api.NewH2CClient(), "http://"+c.apiAddr
+	hc, url := c.httpClient(), c.apiURL(c.apiAddr)
 	return clients{
 		sessions:   sandboxv1connect.NewSessionServiceClient(hc, url, api.WithBearer(key)),
 		executions: sandboxv1connect.NewExecutionServiceClient(hc, url, api.WithBearer(key)),
@@ -257,6 +313,9 @@ func (c *cluster) startServer(srv *server) {
 		}
 		args = append(args, "--bootstrap-expect", fmt.Sprint(len(c.servers)), "--join", strings.Join(peers, ","),
 			"--gossip-join", strings.Join(gossip, ","))
+	}
+	if c.tlsDir != "" {
+		args = append(args, "--tls-cert-file", filepath.Join(c.tlsDir, "cert.pem"), "--tls-key-file", filepath.Join(c.tlsDir, "key.pem"))
 	}
 	// SANDBOX_TEST_SERVER_ARGS adds flags to every server, e.g. other Raft
 	// timeouts for failover measurements.
@@ -436,7 +495,10 @@ func (c *cluster) execute(req *sandboxv1.ExecuteRequest) *sandboxv1.Execution {
 func (c *cluster) ctl(stdin string, args ...string) (string, string, int) {
 	c.t.Helper()
 	cmd := exec.Command(filepath.Join(c.bin, "sandboxctl"), args...)
-	cmd.Env = append(os.Environ(), "SANDBOX_ADDR=http://"+c.apiAddr, "SANDBOX_API_KEY="+apiKey)
+	cmd.Env = append(os.Environ(), "SANDBOX_ADDR="+c.apiURL(c.apiAddr), "SANDBOX_API_KEY="+apiKey)
+	if c.tlsDir != "" {
+		cmd.Env = append(cmd.Env, "SANDBOX_CA_FILE="+filepath.Join(c.tlsDir, "cert.pem"))
+	}
 	cmd.Dir = c.dir
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
@@ -477,7 +539,7 @@ func containersOf(t *testing.T, sessionID string) []string {
 // containers of template across the agents.
 func (c *cluster) waitWarm(t *testing.T, template string, want int32) {
 	t.Helper()
-	cl := sandboxv1connect.NewClusterServiceClient(api.NewH2CClient(), "http://"+c.apiAddr, api.WithBearer(apiKey))
+	cl := sandboxv1connect.NewClusterServiceClient(c.httpClient(), c.apiURL(c.apiAddr), api.WithBearer(apiKey))
 	ready := func() int32 {
 		resp, err := cl.ListNodes(context.Background(), connect.NewRequest(&sandboxv1.ListNodesRequest{}))
 		must(t, err)
