@@ -53,7 +53,7 @@ const (
 // apiKeysFile is the servers' key file: the admin key, then the tenants'.
 var apiKeysFile = "e2e " + apiKey + " admin\n" +
 	"acme sha256:" + sha256Hex(tenantKey) + " sessions=3\n" +
-	"globex " + otherKey + " rate=20\n"
+	"globex " + otherKey + " rate=20 executions=2\n"
 
 func sha256Hex(s string) string {
 	sum := sha256.Sum256([]byte(s))

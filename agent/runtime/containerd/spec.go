@@ -113,6 +113,10 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 			Rlimits: []specs.POSIXRlimit{
 				{Type: "RLIMIT_NOFILE", Hard: 1024, Soft: 1024},
 				{Type: "RLIMIT_CORE", Hard: 0, Soft: 0},
+				// No file larger than the largest writable filesystem: a
+				// write past it gets SIGXFSZ (EFBIG where that is ignored,
+				// as Python does).
+				{Type: "RLIMIT_FSIZE", Hard: fsizeLimit(s.Limits.DiskMiB, tmpMiB), Soft: fsizeLimit(s.Limits.DiskMiB, tmpMiB)},
 			},
 		},
 		Mounts: mounts(s, tmpMiB),
@@ -146,6 +150,11 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 	// widened only by what bubblewrap needs (see seccompProfile).
 	sp.Linux.Seccomp = seccompProfile(sp)
 	return sp
+}
+
+// fsizeLimit is RLIMIT_FSIZE in bytes: the larger of /workspace and /tmp.
+func fsizeLimit(diskMiB, tmpMiB int64) uint64 {
+	return uint64(max(diskMiB, tmpMiB)) << 20
 }
 
 // inodesFor is the inode quota of a tmpfs of mib MiB: one per 16 KiB, at
