@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"os"
 	"os/exec"
@@ -20,7 +19,6 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/sandboxhq/sandbox/executor"
-	"golang.org/x/sys/unix"
 )
 
 // sandboxUID is the user the executor (and so bubblewrap) runs as in a
@@ -185,7 +183,7 @@ func (h *hostEnv) prepareBwrap(ctx context.Context, l floorLang) (*bwrapRun, err
 
 // once runs the sandbox once and checks that it printed 1.
 func (b *bwrapRun) once(ctx context.Context) (time.Duration, error) {
-	code, err := memfd(b.code)
+	code, err := executor.MemFile("code", []byte(b.code))
 	if err != nil {
 		return 0, err
 	}
@@ -203,24 +201,6 @@ func (b *bwrapRun) once(ctx context.Context) (time.Duration, error) {
 		Credential: &syscall.Credential{Uid: sandboxUID, Gid: sandboxUID, Groups: []uint32{sandboxUID}},
 	}
 	return timeCmd(cmd, "bwrap")
-}
-
-// memfd puts code in an anonymous file, as the executor does.
-func memfd(code string) (*os.File, error) {
-	fd, err := unix.MemfdCreate("code", unix.MFD_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("code memfd: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "code")
-	if _, err := io.WriteString(f, code); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("write code: %w", err)
-	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("rewind code: %w", err)
-	}
-	return f, nil
 }
 
 // timeCmd runs cmd and checks that it printed exactly "1\n".

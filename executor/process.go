@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -309,18 +308,26 @@ func (p *process) Kill() {
 // codeFile puts the code in an anonymous memory file for bwrap's
 // --ro-bind-data: no argv length limit, nothing written to disk.
 func codeFile(code string) (*os.File, error) {
-	fd, err := unix.MemfdCreate("code", unix.MFD_CLOEXEC)
+	return MemFile("code", []byte(code))
+}
+
+// MemFile returns an anonymous memory file holding data, positioned at its
+// start, for a child to read from an inherited descriptor (the code, the
+// seccomp filter). The benchmark's floor uses it to hand bubblewrap the
+// same files the executor does.
+func MemFile(name string, data []byte) (*os.File, error) {
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
 	if err != nil {
-		return nil, fmt.Errorf("code memfd: %w", err)
+		return nil, fmt.Errorf("%s memfd: %w", name, err)
 	}
-	f := os.NewFile(uintptr(fd), "code")
-	if _, err := io.Copy(f, strings.NewReader(code)); err != nil {
+	f := os.NewFile(uintptr(fd), name)
+	if _, err := f.Write(data); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("write code: %w", err)
+		return nil, fmt.Errorf("write %s: %w", name, err)
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("rewind code: %w", err)
+		return nil, fmt.Errorf("rewind %s: %w", name, err)
 	}
 	return f, nil
 }

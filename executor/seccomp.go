@@ -3,7 +3,6 @@ package executor
 import (
 	"encoding/binary"
 	"fmt"
-	"io"
 	"os"
 	"runtime"
 	"sync"
@@ -195,18 +194,5 @@ func SeccompFile() (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	fd, err := unix.MemfdCreate("seccomp", unix.MFD_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("seccomp memfd: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "seccomp")
-	if _, err := f.Write(prog); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("write seccomp filter: %w", err)
-	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("rewind seccomp filter: %w", err)
-	}
-	return f, nil
+	return MemFile("seccomp", prog)
 }
