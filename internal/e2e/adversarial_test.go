@@ -147,7 +147,7 @@ func TestAdversarial(t *testing.T) {
 			check: allDenied("core_pattern", "drop_caches", "hostname", "sysrq"),
 		},
 		{
-			name:   "see the executor, its token or its socket",
+			name:   "see the executor, its token or its sockets; forge a callback",
 			layers: []string{"bubblewrap (own pid namespace, a clean environment, /run replaced)", "executor (token never passed to user code)"},
 			lang:   "python",
 			code: `
@@ -162,7 +162,18 @@ for p in pids:
             continue
         if b'INTERNAL_API_TOKEN' in data or b'sandbox-executor' in data:
             leak.append(p + '/' + f)
-visible = [d for d in ('/run/sandbox', '/run/sandbox/executor.sock', '/run/sandbox/agent.sock') if os.path.exists(d)]
+visible = [d for d in ('/run/sandbox', '/run/sandbox/executor.sock', '/run/sandbox/agent.sock',
+    '/proc/1/root/run/sandbox/agent.sock', '/proc/1/root/run/sandbox/executor.sock') if os.path.exists(d)]
+# A forged callback needs the agent's socket: try every path to it.
+import socket
+for p in ('/run/sandbox/agent.sock', '/proc/1/root/run/sandbox/agent.sock'):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(p)
+        s.sendall(b'POST /internal/executions/x/result HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}')
+        leak.append('callback:' + p)
+    except Exception:
+        pass
 procs = sorted(open('/proc/%s/comm' % p).read().strip() for p in pids)
 print('leaks=%d visible=%d procs=%s' % (len(leak), len(visible), ','.join(procs)))
 `,
