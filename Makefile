@@ -30,9 +30,10 @@ lint:
 	@git diff --exit-code --stat -- api/gen || { echo "generated code in api/gen is stale: run make generate and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- api/gen)" || { echo "generated code in api/gen is stale (new files): run make generate and commit"; git status --porcelain -- api/gen; exit 1; }
 
-## images: build the template images without a registry and import them into containerd
+## images: build the template images without a registry and import them into
+## containerd; PUSH=host:port also pushes them to that registry
 images: build
-	images/build.sh $(BIN)/sandbox-executor
+	PUSH=$(PUSH) images/build.sh $(BIN)/sandbox-executor
 
 ## test: the whole suite (needs root, containerd, runc and bubblewrap; .ci/run installs them)
 test: lint images

@@ -26,6 +26,9 @@
 #   DEBIAN_MIRROR       Debian mirror (default: the host's apt sources)
 #   DEBIAN_SECURITY_MIRROR  security mirror (default: the host's apt sources)
 #   OCITAR              a prebuilt images/ocitar binary (default: go build it)
+#   PUSH                a registry (host:port): also push every image there as
+#                       <PUSH>/sandbox/<template>:latest, for agents that pull
+#                       (plain HTTP for loopback hosts and PUSH_PLAIN_HTTP=1)
 #
 # The Dockerfiles under images/ are the same build for operators with a
 # registry; keep them and the steps below in step (see images/README.md).
@@ -518,6 +521,26 @@ main() {
 		[[ $t == base ]] || du+=" $CACHE/rootfs/$t"
 		# shellcheck disable=SC2086 # two paths
 		log "  $PREFIX$t:latest $(awk -v r="$PREFIX$t:latest" '$1 == r { print substr($3, 8, 12), $4, $5 }' <<<"$images"), unpacked $(du -sch $du | awk 'END { print $1 }')"
+	done
+	[[ -z ${PUSH:-} ]] || push_images "$PUSH" base "${templates[@]}"
+}
+
+# push_images REGISTRY IMAGE...: tags localhost/sandbox/IMAGE:latest as
+# REGISTRY/sandbox/IMAGE:latest in containerd and pushes it there.
+push_images() {
+	local reg=$1 t plain=()
+	shift
+	case $reg in
+	localhost:* | 127.* | "[::1]":*) plain=(--plain-http) ;;
+	esac
+	[[ ${PUSH_PLAIN_HTTP:-} == 1 ]] && plain=(--plain-http)
+	for t in "$@"; do
+		local src="$PREFIX$t:latest" dst="$reg/sandbox/$t:latest" begin
+		begin=$(now)
+		ctr -a "$ADDR" -n "$NS" images tag --force "$src" "$dst" >/dev/null
+		ctr -a "$ADDR" -n "$NS" images push "${plain[@]}" "$dst" >"$WORK/push-$t.log" 2>&1 ||
+			die "push $dst failed: $(tail -3 "$WORK/push-$t.log")"
+		log "pushed $dst in $(since "$begin")"
 	done
 }
 

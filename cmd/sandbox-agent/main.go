@@ -48,6 +48,7 @@ func run() error {
 		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7501", "gossip (memberlist) bind address; keep it stable across restarts so a restarted agent is recognised at once")
 		gossipJoin       = flag.String("gossip-join", "", "comma-separated gossip addresses of servers; empty: no gossip (servers then only see registrations)")
 		logLevel         = flag.String("log-level", "info", "debug, info, warn or error (also passed to executors)")
+		plainRegistries  = flag.String("insecure-registry", "", "comma-separated registry hosts (host or host:port) to pull template images from over plain HTTP; loopback registries always are")
 		warmConcurrency  = flag.Int("warm-concurrency", 2, "warm containers started at once when the warm pools refill")
 		pprofAddr        = flag.String("pprof-addr", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; empty: off")
 	)
@@ -75,6 +76,11 @@ func run() error {
 
 	rcfg := containerd.DefaultConfig()
 	rcfg.Address = *containerdAddr
+	for _, h := range strings.Split(*plainRegistries, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			rcfg.PlainHTTPRegistries = append(rcfg.PlainHTTPRegistries, h)
+		}
+	}
 	rcfg.Logger = logger.With("component", "containerd")
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	rt, err := containerd.New(cctx, rcfg)

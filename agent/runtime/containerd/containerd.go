@@ -48,6 +48,9 @@ type Config struct {
 	CgroupParent string
 	// TmpMiB is the size of each container's /tmp tmpfs.
 	TmpMiB int64
+	// PlainHTTPRegistries are registry hosts (host or host:port) pulled from
+	// over plain HTTP; loopback registries always are. Others use HTTPS.
+	PlainHTTPRegistries []string
 	// Logger receives one line per container event; nil means slog.Default().
 	Logger *slog.Logger
 }

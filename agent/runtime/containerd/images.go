@@ -3,12 +3,16 @@ package containerd
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd"
 	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/events"
+	"github.com/containerd/containerd/reference/docker"
+	remotedocker "github.com/containerd/containerd/remotes/docker"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 
@@ -21,8 +25,10 @@ import (
 // each Start checks the name still points at the cached digest.
 type imageCache struct {
 	// unpackMu serialises the rare misses, so an image is unpacked once
-	// even when many containers of it start together.
+	// even when many containers of it start together; pullMu does the same
+	// for pulls.
 	unpackMu sync.Mutex
+	pullMu   sync.Mutex
 	mu       sync.Mutex
 	byName   map[string]cachedImage
 	// watching is true while the watch follows containerd's image events.
@@ -81,10 +87,10 @@ func (r *Runtime) image(ctx context.Context, name string) (cachedImage, error) {
 		return ci, nil
 	}
 	img, err := r.client.GetImage(ctx, name)
+	if errdefs.IsNotFound(err) {
+		img, err = r.pull(ctx, name)
+	}
 	if err != nil {
-		if errdefs.IsNotFound(err) {
-			return cachedImage{}, fmt.Errorf("%w: image %s is not in containerd namespace %s", sandbox.ErrFailedPrecondition, name, r.cfg.Namespace)
-		}
 		return cachedImage{}, fmt.Errorf("get image %s: %w", name, err)
 	}
 	target := img.Target().Digest
@@ -127,6 +133,46 @@ func (r *Runtime) image(ctx context.Context, name string) (cachedImage, error) {
 	ci = cachedImage{target: target, chainID: identity.ChainID(diffIDs).String(), info: info}
 	r.images.put(name, ci, gen)
 	return ci, nil
+}
+
+// pull fetches a missing image from its registry and unpacks it, once even
+// when many starts want it together. Images named without a registry
+// (localhost/..., the ones make images imports) are never pulled.
+func (r *Runtime) pull(ctx context.Context, name string) (containerd.Image, error) {
+	r.images.pullMu.Lock()
+	defer r.images.pullMu.Unlock()
+	if img, err := r.client.GetImage(ctx, name); err == nil {
+		return img, nil // another start pulled it meanwhile
+	}
+	ref, err := docker.ParseNormalizedNamed(name)
+	if err != nil {
+		return nil, fmt.Errorf("%w: image %s is not a valid reference: %v", sandbox.ErrInvalidArgument, name, err)
+	}
+	host := docker.Domain(ref)
+	if host == "localhost" {
+		return nil, fmt.Errorf("%w: image %s is not in containerd namespace %s, and localhost/ names no registry to pull it from (build it with make images)",
+			sandbox.ErrFailedPrecondition, name, r.cfg.Namespace)
+	}
+	resolver := remotedocker.NewResolver(remotedocker.ResolverOptions{Hosts: remotedocker.ConfigureDefaultRegistries(
+		remotedocker.WithPlainHTTP(func(h string) (bool, error) {
+			if local, _ := remotedocker.MatchLocalhost(h); local {
+				return true, nil
+			}
+			return slices.Contains(r.cfg.PlainHTTPRegistries, h), nil
+		}),
+	)})
+	begin := time.Now()
+	r.log.Info("pulling image", "image", name, "registry", host)
+	img, err := r.client.Pull(ctx, name, containerd.WithResolver(resolver), containerd.WithPullUnpack,
+		containerd.WithPullSnapshotter(r.cfg.Snapshotter))
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil, fmt.Errorf("%w: image %s is neither in containerd namespace %s nor in registry %s", sandbox.ErrFailedPrecondition, name, r.cfg.Namespace, host)
+		}
+		return nil, fmt.Errorf("%w: pull image %s from %s: %v", sandbox.ErrUnavailable, name, host, err)
+	}
+	r.log.Info("image pulled", "image", name, "digest", img.Target().Digest, "duration", time.Since(begin))
+	return img, nil
 }
 
 // watchImages follows containerd's image events in the adapter's namespace
