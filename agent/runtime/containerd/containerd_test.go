@@ -229,23 +229,29 @@ func TestUnpackOnce(t *testing.T) {
 		t.Fatalf("image %s already unpacked in native (%v, %v): remove those snapshots first", image, ok, err)
 	}
 	t.Cleanup(func() { removeUnpacked(t, rt, image, "native") })
+	startTwice(t, rt, image, "unpack")
+	if n := strings.Count(logs.String(), "image unpacked"); n != 1 {
+		t.Errorf("image unpacked %d times over two starts, want once; logs:\n%s", n, logs.String())
+	}
+}
+
+// startTwice starts and destroys two containers of image, one after the other.
+func startTwice(t *testing.T, rt *containerd.Runtime, image, prefix string) {
+	t.Helper()
 	for i := range 2 {
 		spec := runtime.Spec{
-			ID:        fmt.Sprintf("unpack-%d-%d", i, time.Now().UnixNano()),
+			ID:        fmt.Sprintf("%s-%d-%d", prefix, i, time.Now().UnixNano()),
 			Image:     image,
 			Limits:    sandbox.DefaultLimits,
 			SocketDir: t.TempDir(),
 			Args:      []string{"sleep", "300"},
 		}
 		if _, err := rt.Start(t.Context(), spec); err != nil {
-			t.Fatalf("Start %d: %v", i, err)
+			t.Fatalf("Start %d of %s: %v", i, image, err)
 		}
 		if err := rt.Destroy(t.Context(), spec.ID); err != nil {
 			t.Fatalf("Destroy %d: %v", i, err)
 		}
-	}
-	if n := strings.Count(logs.String(), "image unpacked"); n != 1 {
-		t.Errorf("image unpacked %d times over two starts, want once; logs:\n%s", n, logs.String())
 	}
 }
 

@@ -84,21 +84,7 @@ func TestPullFromRegistry(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = rt.Client().ImageService().Delete(context.WithoutCancel(ctx), remote) })
 
-	for i := range 2 {
-		spec := runtime.Spec{
-			ID:        fmt.Sprintf("pull-%d-%d", i, time.Now().UnixNano()),
-			Image:     remote,
-			Limits:    sandbox.DefaultLimits,
-			SocketDir: t.TempDir(),
-			Args:      []string{"sleep", "300"},
-		}
-		if _, err := rt.Start(t.Context(), spec); err != nil {
-			t.Fatalf("Start %d of an image only in the registry: %v", i, err)
-		}
-		if err := rt.Destroy(t.Context(), spec.ID); err != nil {
-			t.Fatalf("Destroy %d: %v", i, err)
-		}
-	}
+	startTwice(t, rt, remote, "pull")
 	if n := strings.Count(logs.String(), "image pulled"); n != 1 {
 		t.Errorf("image pulled %d times over two starts, want once; logs:\n%s", n, logs.String())
 	}
