@@ -82,6 +82,10 @@ func run() error {
 		}
 	}
 	rcfg.Logger = logger.With("component", "containerd")
+	if _, err := os.Stat(*containerdAddr); errors.Is(err, os.ErrNotExist) {
+		// No socket: say so at once rather than after the dial's timeout.
+		return fmt.Errorf("containerd at %s is unreachable (is it running? make up starts it): no socket there", *containerdAddr)
+	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	rt, err := containerd.New(cctx, rcfg)
 	cancel()
