@@ -68,6 +68,10 @@ func TestConformance(t *testing.T) {
 			return cgroupLimits(rt.CgroupPath(id))
 		},
 		Leftovers: func(ctx context.Context, id string) error { return leftovers(ctx, rt, id) },
+		Reopen: func(t *testing.T) runtime.Runtime {
+			again, _ := newRuntime(t, containerd.Config{})
+			return again
+		},
 	})
 }
 

@@ -51,6 +51,10 @@ type Harness struct {
 	// ExtraMounts are mount points besides the standard ones that the
 	// adapter is known to add (none for containerd).
 	ExtraMounts []string
+	// Reopen returns a new instance of the adapter over the same runtime,
+	// as an agent gets when it restarts (the old instance stays open). Nil
+	// skips the recovery case.
+	Reopen func(t *testing.T) runtime.Runtime
 }
 
 // CgroupLimits are the resource limits as the kernel enforces them.
@@ -108,6 +112,8 @@ func Run(t *testing.T, h Harness) {
 		{"UpdateErrors", s.testUpdateErrors},
 		{"Group", s.testGroup},
 		{"OOMKill", s.testOOMKill},
+		{"PidsLimit", s.testPidsLimit},
+		{"Recovery", s.testRecovery},
 		{"Stop", s.testStop},
 		{"Destroy", s.testDestroy},
 		{"List", s.testList},
@@ -721,6 +727,97 @@ func (s *suite) testOOMKill(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(spec.SocketDir, "out")); err == nil {
 		t.Error("memory hog survived")
+	}
+}
+
+// testPidsLimit: a container cannot have more processes than its pids
+// limit; the forks past it fail, and the container goes on.
+func (s *suite) testPidsLimit(t *testing.T) {
+	// Python, because a shell at the limit cannot even fork to count.
+	spec := s.spec(t, "python3", "-c", `
+import os, signal, time
+kids = []
+for _ in range(60):
+    try:
+        pid = os.fork()
+    except OSError:
+        continue
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+open("/run/sandbox/out", "w").write(str(len(kids)))
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+`)
+	spec.Limits.Pids = 16
+	if code := s.run(t, spec); code != 0 {
+		t.Fatalf("probe exited %d", code)
+	}
+	b, err := os.ReadFile(filepath.Join(spec.SocketDir, "out"))
+	if err != nil {
+		t.Fatalf("probe wrote nothing: %v", err)
+	}
+	var n int
+	if _, err := fmt.Sscan(string(b), &n); err != nil || n >= 16 || n == 0 {
+		t.Errorf("%q children under a pids limit of 16 (with the parent itself), want between 1 and 15", b)
+	}
+}
+
+// testRecovery: a new instance of the adapter, as a restarted agent makes,
+// finds a container the old one started, with its labels, waits on it,
+// applies new limits to it, stops and destroys it.
+func (s *suite) testRecovery(t *testing.T) {
+	if s.h.Reopen == nil {
+		t.Skip("the harness cannot reopen the adapter")
+	}
+	spec := s.script(t, `trap 'exit 3' TERM; touch /run/sandbox/ready; sleep 300 & wait`)
+	spec.Labels = map[string]string{"sandbox.test.recovery": "yes"}
+	s.start(t, spec)
+	eventually(t, 30*time.Second, "the probe to be ready", func() bool {
+		_, err := os.Stat(filepath.Join(spec.SocketDir, "ready"))
+		return err == nil
+	})
+	rt := s.h.Reopen(t)
+	st, err := rt.Inspect(t.Context(), spec.ID)
+	if err != nil || !st.Running || st.Labels["sandbox.test.recovery"] != "yes" {
+		t.Fatalf("Inspect from a new instance: %+v, %v; want it running with its labels", st, err)
+	}
+	l, err := rt.List(t.Context(), map[string]string{"sandbox.test.recovery": "yes"})
+	if err != nil || len(l) != 1 || l[0].ID != spec.ID {
+		t.Fatalf("List from a new instance: %v, %v", l, err)
+	}
+	limits := spec.Limits
+	limits.CPUMillis, limits.MemoryMiB, limits.Pids = 300, limits.MemoryMiB+16, limits.Pids+8
+	if err := rt.Update(t.Context(), spec.ID, runtime.Update{Limits: &limits}); err != nil {
+		t.Fatalf("Update from a new instance (it has never seen the container's limits): %v", err)
+	}
+	if s.h.CgroupLimits != nil {
+		got, err := s.h.CgroupLimits(t.Context(), spec.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.MemoryBytes != limits.MemoryMiB<<20 || got.MemorySwapBytes != limits.MemoryMiB<<20 || got.CPUQuotaMicros != 30000 || got.Pids != int64(limits.Pids) {
+			t.Errorf("cgroup limits after an Update from a new instance: %+v", got)
+		}
+	}
+	ch, err := rt.Wait(t.Context(), spec.ID)
+	if err != nil {
+		t.Fatalf("Wait from a new instance: %v", err)
+	}
+	if err := rt.Stop(t.Context(), spec.ID, time.Minute); err != nil {
+		t.Fatalf("Stop from a new instance: %v", err)
+	}
+	if res := waitExit(t, ch, time.Minute); res.ExitCode != 3 {
+		t.Errorf("exit code %d seen by the new instance, want 3", res.ExitCode)
+	}
+	if err := rt.Destroy(t.Context(), spec.ID); err != nil {
+		t.Fatalf("Destroy from a new instance: %v", err)
+	}
+	if s.h.Leftovers != nil {
+		if err := s.h.Leftovers(t.Context(), spec.ID); err != nil {
+			t.Errorf("left behind: %v", err)
+		}
 	}
 }
 
