@@ -113,6 +113,7 @@ func Run(t *testing.T, h Harness) {
 		{"Group", s.testGroup},
 		{"OOMKill", s.testOOMKill},
 		{"PidsLimit", s.testPidsLimit},
+		{"CPUQuota", s.testCPUQuota},
 		{"Recovery", s.testRecovery},
 		{"Stop", s.testStop},
 		{"Destroy", s.testDestroy},
@@ -761,6 +762,32 @@ for pid in kids:
 	var n int
 	if _, err := fmt.Sscan(string(b), &n); err != nil || n >= 16 || n == 0 {
 		t.Errorf("%q children under a pids limit of 16 (with the parent itself), want between 1 and 15", b)
+	}
+}
+
+// testCPUQuota: a busy loop under a cpu limit of 0.2 cores gets about 0.2 s
+// of CPU in 1.5 s; the bound is generous (0.6 s: unthrottled it would be
+// 1.5 s) so that a loaded host cannot make it fail.
+func (s *suite) testCPUQuota(t *testing.T) {
+	spec := s.spec(t, "python3", "-c", `
+import os, time
+end = time.monotonic() + 1.5
+while time.monotonic() < end:
+    pass
+t = os.times()
+open("/run/sandbox/out", "w").write("%.3f" % (t.user + t.system))
+`)
+	spec.Limits.CPUMillis = 200
+	if code := s.run(t, spec); code != 0 {
+		t.Fatalf("probe exited %d", code)
+	}
+	b, err := os.ReadFile(filepath.Join(spec.SocketDir, "out"))
+	if err != nil {
+		t.Fatalf("probe wrote nothing: %v", err)
+	}
+	var used float64
+	if _, err := fmt.Sscan(string(b), &used); err != nil || used > 0.6 {
+		t.Errorf("a busy loop under 0.2 cpu used %s s of CPU in 1.5 s, want at most 0.6", b)
 	}
 }
 
