@@ -193,7 +193,7 @@ print('leaks=%d visible=%d procs=%s' % (len(leak), len(visible), ','.join(procs)
 			check: func(e *sandboxv1.Execution) string {
 				// kill -9 -1 takes the shell with it; the executor must still
 				// report the result.
-				if !sandbox_terminal(e.GetState()) {
+				if !terminalState(e.GetState()) {
 					return fmt.Sprintf("state %v", e.GetState())
 				}
 				return ""
@@ -263,7 +263,7 @@ print('leaks=%d visible=%d procs=%s' % (len(leak), len(visible), ','.join(procs)
 			limits:  &sandboxv1.ResourceLimits{CpuMillis: 500, MemoryMib: 256, Pids: 64, DiskMib: 64},
 			timeout: 10,
 			check: func(e *sandboxv1.Execution) string {
-				if !sandbox_terminal(e.GetState()) {
+				if !terminalState(e.GetState()) {
 					return fmt.Sprintf("state %v", e.GetState())
 				}
 				return ""
@@ -645,7 +645,7 @@ func head(s string, n int) string {
 	return s
 }
 
-func sandbox_terminal(s sandboxv1.ExecutionState) bool {
+func terminalState(s sandboxv1.ExecutionState) bool {
 	switch s {
 	case sandboxv1.ExecutionState_EXECUTION_STATE_COMPLETED, sandboxv1.ExecutionState_EXECUTION_STATE_FAILED,
 		sandboxv1.ExecutionState_EXECUTION_STATE_TIMED_OUT:

@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,26 +25,7 @@ import (
 // its containerd lacked under that name.
 func TestTemplateFromRegistry(t *testing.T) {
 	c := startCluster(t)
-	testenv.RequireBinary(t, "docker-registry")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	must(t, err)
-	reg := ln.Addr().String()
-	ln.Close()
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "config.yml")
-	must(t, os.WriteFile(conf, []byte(fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), reg)), 0o600))
-	registry := exec.Command("docker-registry", "serve", conf)
-	must(t, registry.Start())
-	t.Cleanup(func() { _ = registry.Process.Kill(); _ = registry.Wait() })
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if resp, err := http.Get("http://" + reg + "/v2/"); err == nil {
-			resp.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("docker-registry did not answer on %s", reg)
-		}
-	}
+	reg := testenv.StartRegistry(t)
 
 	// make images PUSH=..., for one template: build.sh with the executor
 	// make images built the images with, so that its cache finds nothing

@@ -5,11 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -24,41 +19,6 @@ import (
 	"github.com/sandboxhq/sandbox/internal/testenv"
 )
 
-// startRegistry runs Debian's docker-registry on a loopback port and
-// returns its host:port.
-func startRegistry(t *testing.T) string {
-	t.Helper()
-	testenv.RequireBinary(t, "docker-registry")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "config.yml")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("docker-registry", "serve", conf)
-	var out syncBuffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		resp, err := http.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			return addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("docker-registry did not answer on %s: %v; its output:\n%s", addr, err, out.String())
-		}
-	}
-}
-
 // TestPullFromRegistry: a container of an image containerd does not hold
 // starts once the adapter has pulled it from its registry (plain HTTP on
 // loopback), and the pull happens once; an image in no registry, or named
@@ -66,7 +26,7 @@ func startRegistry(t *testing.T) string {
 func TestPullFromRegistry(t *testing.T) {
 	var logs syncBuffer
 	rt, image := newRuntime(t, containerd.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-	reg := startRegistry(t)
+	reg := testenv.StartRegistry(t)
 	ctx := namespaces.WithNamespace(t.Context(), rt.Namespace())
 
 	// Put the test image in the registry under a name containerd lacks.
