@@ -50,7 +50,12 @@ func FuzzCollector(f *testing.F) {
 			p := filepath.Join(ws, filepath.Clean("/"+name)) // always inside ws
 			switch op {
 			case "f":
-				_ = os.WriteFile(p, []byte(name), 0o644)
+				// O_NONBLOCK: where the script made a FIFO, opening it to
+				// write would wait for a reader forever.
+				if f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NONBLOCK, 0o644); err == nil {
+					_, _ = f.WriteString(name)
+					f.Close()
+				}
 			case "d":
 				_ = os.MkdirAll(p, 0o755)
 			case "l":
