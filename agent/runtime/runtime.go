@@ -64,6 +64,9 @@ type Status struct {
 	ExitCode int
 	// CreatedAt is when the container was created.
 	CreatedAt time.Time
+	// Endpoint is host:port of the executor over TCP; empty: the unix
+	// socket in SocketDir.
+	Endpoint string
 }
 
 // ExitResult is delivered once on the channel Wait returns.

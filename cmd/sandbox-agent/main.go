@@ -1,5 +1,6 @@
 // Command sandbox-agent runs the agent of one host: it registers with the
-// servers, starts and stops sandbox containers through containerd, and relays
+// servers, starts and stops sandbox containers through containerd (or Docker:
+// --runtime docker), and relays
 // its executors' callbacks.
 package main
 
@@ -12,6 +13,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,7 +23,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sandboxhq/sandbox/agent"
+	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/agent/runtime/containerd"
+	"github.com/sandboxhq/sandbox/agent/runtime/docker"
 	"github.com/sandboxhq/sandbox/internal/debugserver"
 	"github.com/sandboxhq/sandbox/internal/membership"
 )
@@ -42,7 +46,9 @@ func run() error {
 		advertise        = flag.String("advertise", "", "address servers reach this agent at (default: the listen address)")
 		server           = flag.String("server", def.ServerURL, "URL of a scheduler's internal port, or several comma-separated (the agent fails over)")
 		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
-		containerdAddr   = flag.String("containerd-address", containerd.DefaultConfig().Address, "containerd socket")
+		runtimeKind      = flag.String("runtime", "containerd", "container runtime the agent drives: containerd, or docker (for hosts that run Docker)")
+		containerdAddr   = flag.String("containerd-address", containerd.DefaultConfig().Address, "containerd socket (--runtime containerd)")
+		dockerHost       = flag.String("docker-host", "", "dockerd address, e.g. unix:///var/run/docker.sock (--runtime docker; default: $DOCKER_HOST, then Docker's default socket)")
 		cpuMillis        = flag.Int("cpu-millis", int(def.CPUMillis), "CPU capacity offered to sessions, in thousandths of a core")
 		memoryMiB        = flag.Int64("memory-mib", def.MemoryMiB, "memory capacity offered to sessions, in MiB")
 		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7501", "gossip (memberlist) bind address; keep it stable across restarts so a restarted agent is recognised at once")
@@ -68,29 +74,22 @@ func run() error {
 	}
 	token := strings.TrimSpace(string(b))
 	if os.Geteuid() != 0 {
-		return errors.New("the agent must run as root: it drives containerd and hands socket directories to the sandbox user")
+		return fmt.Errorf("the agent must run as root: it drives %s and hands socket directories to the sandbox user", *runtimeKind)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	rcfg := containerd.DefaultConfig()
-	rcfg.Address = *containerdAddr
-	for _, h := range strings.Split(*plainRegistries, ",") {
-		if h = strings.TrimSpace(h); h != "" {
-			rcfg.PlainHTTPRegistries = append(rcfg.PlainHTTPRegistries, h)
-		}
-	}
-	rcfg.Logger = logger.With("component", "containerd")
-	if _, err := os.Stat(*containerdAddr); errors.Is(err, os.ErrNotExist) {
-		// No socket: say so at once rather than after the dial's timeout.
-		return fmt.Errorf("containerd at %s is unreachable (is it running? make up starts it): no socket there", *containerdAddr)
-	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	rt, err := containerd.New(cctx, rcfg)
-	cancel()
+	rt, where, err := openRuntime(ctx, runtimeOptions{
+		kind:            *runtimeKind,
+		containerdAddr:  *containerdAddr,
+		dockerHost:      *dockerHost,
+		dataDir:         *dataDir,
+		plainRegistries: *plainRegistries,
+		logger:          logger,
+	})
 	if err != nil {
-		return fmt.Errorf("containerd at %s is unreachable (is it running? make up starts it): %w", *containerdAddr, err)
+		return err
 	}
 
 	reg := prometheus.NewRegistry()
@@ -139,7 +138,58 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	logger.Info("agent starting", "id", cfg.ID, "listen", cfg.ListenAddr, "server", cfg.ServerURL, "containerd", *containerdAddr,
+	logger.Info("agent starting", "id", cfg.ID, "listen", cfg.ListenAddr, "server", cfg.ServerURL, "runtime", *runtimeKind, "runtime_address", where,
 		"cpu_millis", cfg.CPUMillis, "memory_mib", cfg.MemoryMiB)
 	return a.Run(ctx)
+}
+
+// runtimeOptions are the flags that choose and reach the container runtime.
+type runtimeOptions struct {
+	kind            string
+	containerdAddr  string
+	dockerHost      string
+	dataDir         string
+	plainRegistries string
+	logger          *slog.Logger
+}
+
+// openRuntime connects to the runtime the agent drives and returns it with
+// its address. An unreachable runtime is an error at once, naming it.
+func openRuntime(ctx context.Context, o runtimeOptions) (runtime.Runtime, string, error) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	switch o.kind {
+	case "containerd":
+		rcfg := containerd.DefaultConfig()
+		rcfg.Address = o.containerdAddr
+		for _, h := range strings.Split(o.plainRegistries, ",") {
+			if h = strings.TrimSpace(h); h != "" {
+				rcfg.PlainHTTPRegistries = append(rcfg.PlainHTTPRegistries, h)
+			}
+		}
+		rcfg.Logger = o.logger.With("component", "containerd")
+		if _, err := os.Stat(o.containerdAddr); errors.Is(err, os.ErrNotExist) {
+			// No socket: say so at once rather than after the dial's timeout.
+			return nil, "", fmt.Errorf("containerd at %s is unreachable (is it running? make up starts it): no socket there", o.containerdAddr)
+		}
+		rt, err := containerd.New(cctx, rcfg)
+		if err != nil {
+			return nil, "", fmt.Errorf("containerd at %s is unreachable (is it running? make up starts it): %w", o.containerdAddr, err)
+		}
+		return rt, o.containerdAddr, nil
+	case "docker":
+		if o.plainRegistries != "" {
+			return nil, "", errors.New("--insecure-registry does not apply to --runtime docker: list the registry in dockerd's insecure-registries (daemon.json) instead")
+		}
+		rt, err := docker.New(cctx, docker.Config{
+			Host:     o.dockerHost,
+			StateDir: filepath.Join(o.dataDir, "docker"),
+			Logger:   o.logger.With("component", "docker"),
+		})
+		if err != nil {
+			return nil, "", fmt.Errorf("%w (is dockerd running? make up RUNTIME=docker starts it)", err)
+		}
+		return rt, rt.DaemonHost(), nil
+	}
+	return nil, "", fmt.Errorf("--runtime %q: want containerd or docker", o.kind)
 }

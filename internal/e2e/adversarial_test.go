@@ -694,7 +694,7 @@ func hostProcessesIn(t *testing.T, cid string) []hostProcess {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
-		if err != nil || !strings.Contains(string(b), "/"+cid+"\n") {
+		if err != nil || !strings.Contains(string(b), "/"+cgroupName(cid)+"\n") {
 			continue
 		}
 		p := hostProcess{pid: e.Name()}

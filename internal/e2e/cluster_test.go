@@ -137,7 +137,9 @@ type cluster struct {
 	agentGossip  string
 	agentID      string
 	containerd   string
-	agent        *exec.Cmd
+	// runtimeArgs choose the agents' runtime (runtimeArgs).
+	runtimeArgs []string
+	agent       *exec.Cmd
 	// tlsDir, when set, holds the public API's certificate (cert.pem, which
 	// is also the CA clients trust) and key: the servers serve the API
 	// over TLS and the clients call it with https.
@@ -182,7 +184,9 @@ func startServersIn(t *testing.T, n int, dir func() string, opts ...func(*cluste
 	addr := testenv.RequireContainerd(t)
 	testenv.RequireBinary(t, "bwrap")
 	requireImages(t, addr, "python-basic", "nodejs-basic")
+	rtArgs := runtimeArgs(t, addr, "python-basic", "nodejs-basic")
 	c := &cluster{
+		runtimeArgs: rtArgs,
 		t:           t,
 		bin:         binaries(t),
 		dir:         dir(),
@@ -328,11 +332,15 @@ func (c *cluster) startServer(srv *server) {
 }
 
 func (c *cluster) startAgent(containerdAddr string) {
-	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"),
+	rt := []string{"--containerd-address", containerdAddr}
+	if testRuntime() == "docker" {
+		rt = c.runtimeArgs
+	}
+	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"), append([]string{
 		"--id", c.agentID, "--data-dir", filepath.Join(c.dir, "agent"),
 		"--listen", c.agentAddr, "--server", c.serverURLs(), "--gossip-join", c.gossipAddrs(), "--gossip-addr", c.agentGossip,
 		"--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
-		"--containerd-address", containerdAddr, "--log-level", "debug")
+		"--log-level", "debug"}, rt...)...)
 	cmd.Stdout = c.logFile("agent")
 	cmd.Stderr = cmd.Stdout
 	must(c.t, cmd.Start())
@@ -349,11 +357,11 @@ type secondAgent struct {
 // startSecondAgent starts one more agent; the cluster stops it at the end.
 func (c *cluster) startSecondAgent() *secondAgent {
 	a := &secondAgent{id: c.agentID + "-b", addr: freePort(c.t), gossip: freePort(c.t)}
-	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"),
+	cmd := exec.Command(filepath.Join(c.bin, "sandbox-agent"), append([]string{
 		"--id", a.id, "--data-dir", filepath.Join(c.dir, "agent-b"),
 		"--listen", a.addr, "--server", c.serverURLs(), "--gossip-join", c.gossipAddrs(), "--gossip-addr", a.gossip,
 		"--cluster-token-file", filepath.Join(c.dir, "cluster-token"),
-		"--containerd-address", c.containerd, "--log-level", "debug")
+		"--log-level", "debug"}, c.runtimeArgs...)...)
 	cmd.Stdout = c.logFile("agent-b")
 	cmd.Stderr = cmd.Stdout
 	must(c.t, cmd.Start())

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 )
@@ -66,4 +67,36 @@ func RequireContainerd(t testing.TB) string {
 	}
 	c.Close()
 	return addr
+}
+
+// DockerHost is dockerd's address for tests: SANDBOX_DOCKER_HOST, then
+// DOCKER_HOST, then Docker's default socket.
+func DockerHost() string {
+	for _, v := range []string{os.Getenv("SANDBOX_DOCKER_HOST"), os.Getenv("DOCKER_HOST")} {
+		if v != "" {
+			return v
+		}
+	}
+	return "unix:///var/run/docker.sock"
+}
+
+// RequireDocker skips (fails under CI) unless root and a dockerd answering
+// on a unix socket at DockerHost; it returns that address.
+func RequireDocker(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	host := DockerHost()
+	path, ok := strings.CutPrefix(host, "unix://")
+	if !ok {
+		return host // a TCP daemon: the adapter's Ping says whether it answers
+	}
+	d := net.Dialer{Timeout: 2 * time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		Unavailable(t, "test needs dockerd at %s (start it: dockerd &): %v", host, err)
+	}
+	c.Close()
+	return host
 }

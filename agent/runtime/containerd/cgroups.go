@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxhq/sandbox"
+	"github.com/sandboxhq/sandbox/agent/runtime/isolation"
 )
 
 // cgroupRoot is where the host mounts its cgroup filesystems.
@@ -48,7 +49,7 @@ func detectCgroups() (cgroupLimits, error) {
 // is written only when prev is not known.
 func (c cgroupLimits) set(path string, prev *sandbox.Limits, l sandbox.Limits) error {
 	memory := l.MemoryMiB * mib
-	quota := int64(l.CPUMillis) * cpuPeriod / 1000
+	quota := isolation.CPUQuotaMicros(l.CPUMillis)
 	pids := l.Pids
 	memChanged := prev == nil || prev.MemoryMiB != l.MemoryMiB
 	cpuChanged := prev == nil || prev.CPUMillis != l.CPUMillis
@@ -87,7 +88,7 @@ func (c cgroupLimits) set(path string, prev *sandbox.Limits, l sandbox.Limits) e
 	}
 	cpu := filepath.Join(cgroupRoot, "cpu", path)
 	if prev == nil {
-		writes = append(writes, [2]string{filepath.Join(cpu, "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)})
+		writes = append(writes, [2]string{filepath.Join(cpu, "cpu.cfs_period_us"), strconv.Itoa(isolation.CPUPeriodMicros)})
 	}
 	if cpuChanged {
 		writes = append(writes, [2]string{filepath.Join(cpu, "cpu.cfs_quota_us"), strconv.FormatInt(quota, 10)})
@@ -121,7 +122,7 @@ func (c cgroupLimits) setUnified(dir string, unknown, memChanged, cpuChanged, pi
 		writes = append(writes, [2]string{swap, "0"})
 	}
 	if cpuChanged {
-		writes = append(writes, [2]string{filepath.Join(dir, "cpu.max"), fmt.Sprintf("%d %d", quota, cpuPeriod)})
+		writes = append(writes, [2]string{filepath.Join(dir, "cpu.max"), fmt.Sprintf("%d %d", quota, isolation.CPUPeriodMicros)})
 	}
 	if pidsChanged {
 		writes = append(writes, [2]string{filepath.Join(dir, "pids.max"), strconv.Itoa(int(pids))})

@@ -32,6 +32,7 @@ import (
 
 	"github.com/sandboxhq/sandbox"
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/agent/runtime/isolation"
 )
 
 // Config configures the adapter.
@@ -63,7 +64,7 @@ func DefaultConfig() Config {
 		Snapshotter:  "overlayfs",
 		RuntimeName:  "io.containerd.runc.v2",
 		CgroupParent: "/sandbox",
-		TmpMiB:       128,
+		TmpMiB:       isolation.DefaultTmpMiB,
 	}
 }
 
@@ -187,7 +188,7 @@ var errParentMissing = errors.New("image snapshot missing")
 // (about 30 of those ms), the shim, the root view and the container record.
 func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (runtime.Status, error) {
 	begin := time.Now()
-	if err := validateSpec(spec); err != nil {
+	if err := isolation.ValidateSpec(spec); err != nil {
 		return runtime.Status{}, err
 	}
 	ctx = r.ns(ctx)

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,7 +64,7 @@ func TestConformance(t *testing.T) {
 		Runtime: rt,
 		Image:   image,
 		CgroupLimits: func(_ context.Context, id string) (runtimetest.CgroupLimits, error) {
-			return cgroupLimits(rt.CgroupPath(id))
+			return runtimetest.ReadCgroupLimits(rt.CgroupPath(id))
 		},
 		Leftovers: func(ctx context.Context, id string) error { return leftovers(ctx, rt, id) },
 		Reopen: func(t *testing.T) runtime.Runtime {
@@ -141,54 +140,6 @@ func TestImageEntrypoint(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("no exit after Stop")
 	}
-}
-
-// cgroupLimits reads a container's limits from the cgroup filesystem, v1
-// controllers first (this project's hosts), then the unified hierarchy.
-func cgroupLimits(path string) (runtimetest.CgroupLimits, error) {
-	var l runtimetest.CgroupLimits
-	read := func(file string) (string, error) {
-		b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", file))
-		return strings.TrimSpace(string(b)), err
-	}
-	readInt := func(file string) (int64, error) {
-		s, err := read(file)
-		if err != nil {
-			return 0, err
-		}
-		return strconv.ParseInt(s, 10, 64)
-	}
-	if _, err := os.Stat(filepath.Join("/sys/fs/cgroup/memory", path)); err == nil {
-		var errs []error
-		var err error
-		l.MemoryBytes, err = readInt(filepath.Join("memory", path, "memory.limit_in_bytes"))
-		errs = append(errs, err)
-		l.MemorySwapBytes, err = readInt(filepath.Join("memory", path, "memory.memsw.limit_in_bytes"))
-		errs = append(errs, err)
-		l.CPUQuotaMicros, err = readInt(filepath.Join("cpu", path, "cpu.cfs_quota_us"))
-		errs = append(errs, err)
-		l.CPUPeriodMicros, err = readInt(filepath.Join("cpu", path, "cpu.cfs_period_us"))
-		errs = append(errs, err)
-		l.Pids, err = readInt(filepath.Join("pids", path, "pids.max"))
-		errs = append(errs, err)
-		return l, errors.Join(errs...)
-	}
-	var errs []error
-	var err error
-	l.MemoryBytes, err = readInt(filepath.Join(path, "memory.max"))
-	errs = append(errs, err)
-	swap, err := readInt(filepath.Join(path, "memory.swap.max"))
-	errs = append(errs, err)
-	l.MemorySwapBytes = l.MemoryBytes + swap
-	cpu, err := read(filepath.Join(path, "cpu.max"))
-	errs = append(errs, err)
-	if q, p, ok := strings.Cut(cpu, " "); ok {
-		l.CPUQuotaMicros, _ = strconv.ParseInt(q, 10, 64)
-		l.CPUPeriodMicros, _ = strconv.ParseInt(p, 10, 64)
-	}
-	l.Pids, err = readInt(filepath.Join(path, "pids.max"))
-	errs = append(errs, err)
-	return l, errors.Join(errs...)
 }
 
 // leftovers asks containerd itself (not the adapter) for the container, its

@@ -14,23 +14,19 @@ import (
 
 	"github.com/sandboxhq/sandbox"
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/agent/runtime/isolation"
 	"github.com/sandboxhq/sandbox/executor/executorapi"
 )
 
-// The identity and paths every sandbox container gets.
+// The identity and paths every sandbox container gets (isolation has them).
 const (
-	// SandboxUID and SandboxGID are the executor's user inside the container.
-	SandboxUID = 1000
-	SandboxGID = 1000
-	// Hostname is the UTS name of every sandbox container.
-	Hostname = "sandbox"
-	// WorkspacePath is the executor's working directory, a size-limited tmpfs.
-	WorkspacePath = "/workspace"
+	SandboxUID    = isolation.SandboxUID
+	SandboxGID    = isolation.SandboxGID
+	Hostname      = isolation.Hostname
+	WorkspacePath = isolation.WorkspacePath
 
 	defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	// cpuPeriod is the CFS period; the quota is CPUMillis/1000 of it.
-	cpuPeriod = 100000
-	mib       = 1 << 20
+	mib         = 1 << 20
 
 	// groupAnnotation makes containerd's runc v2 shim serve every container
 	// whose spec carries the same value from one shim process (the shim's
@@ -44,28 +40,6 @@ type imageInfo struct {
 	args []string
 	// pathEnv is the image's PATH=... entry, or a default.
 	pathEnv string
-}
-
-// validateSpec rejects a Spec the adapter cannot turn into a safe container.
-func validateSpec(s runtime.Spec) error {
-	switch {
-	case s.ID == "":
-		return fmt.Errorf("%w: container id is empty", sandbox.ErrInvalidArgument)
-	case s.Image == "":
-		return fmt.Errorf("%w: container %s: image is empty", sandbox.ErrInvalidArgument, s.ID)
-	case s.SocketDir == "" || !path.IsAbs(s.SocketDir):
-		return fmt.Errorf("%w: container %s: socket dir %q must be an absolute path", sandbox.ErrInvalidArgument, s.ID, s.SocketDir)
-	case s.LogPath != "" && !path.IsAbs(s.LogPath):
-		return fmt.Errorf("%w: container %s: log path %q must be absolute", sandbox.ErrInvalidArgument, s.ID, s.LogPath)
-	}
-	// A zero limit would mean "unlimited" to the kernel (and a tmpfs of
-	// size=0 is unbounded), so every limit must be set.
-	l := s.Limits
-	if l.CPUMillis <= 0 || l.MemoryMiB <= 0 || l.Pids <= 0 || l.DiskMiB <= 0 {
-		return fmt.Errorf("%w: container %s: cpu, memory, pids and disk limits must all be positive, got %+v",
-			sandbox.ErrInvalidArgument, s.ID, l)
-	}
-	return nil
 }
 
 // ociSpec builds the whole OCI runtime spec of one sandbox container. It is
@@ -111,12 +85,10 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 			// No RLIMIT_NPROC: it counts every process of uid 1000 on the
 			// host, i.e. across all sandboxes; the pids cgroup bounds each one.
 			Rlimits: []specs.POSIXRlimit{
-				{Type: "RLIMIT_NOFILE", Hard: 1024, Soft: 1024},
+				{Type: "RLIMIT_NOFILE", Hard: isolation.NofileLimit, Soft: isolation.NofileLimit},
 				{Type: "RLIMIT_CORE", Hard: 0, Soft: 0},
-				// No file larger than the largest writable filesystem: a
-				// write past it gets SIGXFSZ (EFBIG where that is ignored,
-				// as Python does).
-				{Type: "RLIMIT_FSIZE", Hard: fsizeLimit(s.Limits.DiskMiB, tmpMiB), Soft: fsizeLimit(s.Limits.DiskMiB, tmpMiB)},
+				// No file larger than the largest writable filesystem.
+				{Type: "RLIMIT_FSIZE", Hard: isolation.FsizeLimit(s.Limits.DiskMiB, tmpMiB), Soft: isolation.FsizeLimit(s.Limits.DiskMiB, tmpMiB)},
 			},
 		},
 		Mounts: mounts(s, tmpMiB),
@@ -147,22 +119,9 @@ func ociSpec(s runtime.Spec, img imageInfo, cgroupParent string, tmpMiB int64) *
 		},
 	}
 	// Docker's default profile for a container without capabilities,
-	// widened only by what bubblewrap needs (see seccompProfile).
-	sp.Linux.Seccomp = seccompProfile(sp)
+	// widened only by what bubblewrap needs (see isolation.SeccompProfile).
+	sp.Linux.Seccomp = isolation.SeccompProfile()
 	return sp
-}
-
-// fsizeLimit is RLIMIT_FSIZE in bytes: the larger of /workspace and /tmp.
-func fsizeLimit(diskMiB, tmpMiB int64) uint64 {
-	return uint64(max(diskMiB, tmpMiB)) << 20
-}
-
-// inodesFor is the inode quota of a tmpfs of mib MiB: one per 16 KiB, at
-// least 4096. A tmpfs otherwise allows inodes by the host's memory, and
-// millions of empty files (each a kernel inode, charged to the container's
-// memory) would escape the size quota.
-func inodesFor(mib int64) int64 {
-	return max(4096, mib*64)
 }
 
 // mounts lists every filesystem in the container besides its root. Nothing
@@ -179,11 +138,11 @@ func mounts(s runtime.Spec, tmpMiB int64) []specs.Mount {
 		// workspace and /tmp also count against Limits.MemoryMiB.
 		{Destination: WorkspacePath, Type: "tmpfs", Source: "tmpfs", Options: []string{
 			"nosuid", "nodev", "mode=0755",
-			fmt.Sprintf("size=%dm", s.Limits.DiskMiB), fmt.Sprintf("nr_inodes=%d", inodesFor(s.Limits.DiskMiB)),
+			fmt.Sprintf("size=%dm", s.Limits.DiskMiB), fmt.Sprintf("nr_inodes=%d", isolation.InodesFor(s.Limits.DiskMiB)),
 			fmt.Sprintf("uid=%d", SandboxUID), fmt.Sprintf("gid=%d", SandboxGID),
 		}},
 		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{
-			"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", tmpMiB), fmt.Sprintf("nr_inodes=%d", inodesFor(tmpMiB)),
+			"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", tmpMiB), fmt.Sprintf("nr_inodes=%d", isolation.InodesFor(tmpMiB)),
 		}},
 		{Destination: executorapi.SocketDir, Type: "bind", Source: s.SocketDir, Options: []string{
 			"rbind", "rw", "nosuid", "nodev", "noexec",
@@ -260,8 +219,8 @@ func resources(l sandbox.Limits) *specs.LinuxResources {
 	memory := l.MemoryMiB * mib
 	// On cgroup v1 "swap" is memory+swap, so equal to memory means no swap.
 	swap := memory
-	quota := int64(l.CPUMillis) * cpuPeriod / 1000
-	period := uint64(cpuPeriod)
+	quota := isolation.CPUQuotaMicros(l.CPUMillis)
+	period := uint64(isolation.CPUPeriodMicros)
 	return &specs.LinuxResources{
 		Memory: &specs.LinuxMemory{Limit: &memory, Swap: &swap},
 		CPU:    &specs.LinuxCPU{Quota: &quota, Period: &period},

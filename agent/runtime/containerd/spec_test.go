@@ -1,7 +1,7 @@
 package containerd
 
 import (
-	"errors"
+	"reflect"
 	"slices"
 	"testing"
 
@@ -11,6 +11,7 @@ import (
 
 	"github.com/sandboxhq/sandbox"
 	"github.com/sandboxhq/sandbox/agent/runtime"
+	"github.com/sandboxhq/sandbox/agent/runtime/isolation"
 )
 
 func validSpec() runtime.Spec {
@@ -21,38 +22,6 @@ func validSpec() runtime.Spec {
 		SocketDir: "/var/lib/sandbox/sockets/c1",
 		Env:       []string{"A=1"},
 		Labels:    map[string]string{runtime.LabelSession: "s1"},
-	}
-}
-
-func TestValidateSpec(t *testing.T) {
-	cases := []struct {
-		name   string
-		modify func(*runtime.Spec)
-		ok     bool
-	}{
-		{"valid", func(*runtime.Spec) {}, true},
-		{"no id", func(s *runtime.Spec) { s.ID = "" }, false},
-		{"no image", func(s *runtime.Spec) { s.Image = "" }, false},
-		{"no socket dir", func(s *runtime.Spec) { s.SocketDir = "" }, false},
-		{"relative socket dir", func(s *runtime.Spec) { s.SocketDir = "sockets" }, false},
-		{"relative log path", func(s *runtime.Spec) { s.LogPath = "x.log" }, false},
-		{"zero cpu", func(s *runtime.Spec) { s.Limits.CPUMillis = 0 }, false},
-		{"zero memory", func(s *runtime.Spec) { s.Limits.MemoryMiB = 0 }, false},
-		{"zero pids", func(s *runtime.Spec) { s.Limits.Pids = 0 }, false},
-		{"zero disk", func(s *runtime.Spec) { s.Limits.DiskMiB = 0 }, false},
-	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			s := validSpec()
-			c.modify(&s)
-			err := validateSpec(s)
-			if c.ok != (err == nil) {
-				t.Fatalf("validateSpec = %v, want ok=%v", err, c.ok)
-			}
-			if err != nil && !errors.Is(err, sandbox.ErrInvalidArgument) {
-				t.Errorf("error %v is not ErrInvalidArgument", err)
-			}
-		})
 	}
 }
 
@@ -166,37 +135,10 @@ func TestWorkspaceMiB(t *testing.T) {
 	}
 }
 
-// TestSeccompProfile: the container's profile is Docker's default for a
-// container without capabilities (everything unlisted is EPERM), widened
-// by bubblewrap's calls only; never unconfined.
-func TestSeccompProfile(t *testing.T) {
+// TestSpecSeccomp: the container's spec carries the sandbox profile.
+func TestSpecSeccomp(t *testing.T) {
 	s := ociSpec(validSpec(), imageInfo{args: []string{"/x"}, pathEnv: "PATH=/bin"}, "/sandbox", 128)
-	p := s.Linux.Seccomp
-	if p == nil || p.DefaultAction != specs.ActErrno || len(p.Architectures) == 0 {
-		t.Fatalf("seccomp profile %+v: want a default action of errno over the native architectures", p)
-	}
-	allowed := map[string]bool{}
-	conditional := map[string]bool{}
-	for _, r := range p.Syscalls {
-		for _, n := range r.Names {
-			if r.Action == specs.ActAllow {
-				if len(r.Args) == 0 {
-					allowed[n] = true
-				} else {
-					conditional[n] = true
-				}
-			}
-		}
-	}
-	for _, n := range append(slices.Clone(bubblewrapSyscalls), "read", "execve", "seccomp", "prctl") {
-		if !allowed[n] {
-			t.Errorf("%s is not allowed: bubblewrap or ordinary code needs it", n)
-		}
-	}
-	for _, n := range []string{"keyctl", "add_key", "request_key", "bpf", "perf_event_open", "setns", "kexec_load",
-		"init_module", "open_by_handle_at", "reboot", "swapon", "acct", "clone3", "fsopen", "move_mount"} {
-		if allowed[n] || conditional[n] {
-			t.Errorf("%s is allowed", n)
-		}
+	if !reflect.DeepEqual(s.Linux.Seccomp, isolation.SeccompProfile()) {
+		t.Fatal("the spec's seccomp profile is not isolation.SeccompProfile")
 	}
 }

@@ -55,6 +55,16 @@ type Harness struct {
 	// as an agent gets when it restarts (the old instance stays open). Nil
 	// skips the recovery case.
 	Reopen func(t *testing.T) runtime.Runtime
+	// Simulated, when set, says why the runtime runs no real processes (an
+	// API server fake with a stand-in for the kubelet, say): the cases that
+	// need a real container and kernel are skipped. A simulation writes the
+	// ready files of the lifecycle probes into the socket directory itself.
+	Simulated string
+	// NoSocketDir, when set, says why the runtime does not bind
+	// Spec.SocketDir into its containers: starting without one is no
+	// error, and the cases that read what a probe writes there are skipped
+	// (unless Simulated writes it).
+	NoSocketDir string
 }
 
 // CgroupLimits are the resource limits as the kernel enforces them.
@@ -99,6 +109,7 @@ func Run(t *testing.T, h Harness) {
 		fn   func(t *testing.T)
 	}{
 		{"StartInspect", s.testStartInspect},
+		{"ExecutorClaimRefill", s.testExecutor},
 		{"ExitCodes", s.testExitCodes},
 		{"Identity", s.testIdentity},
 		{"Environment", s.testEnvironment},
@@ -138,6 +149,23 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// needsKernel skips a case that runs real programs in a real container.
+func (s *suite) needsKernel(t *testing.T) {
+	t.Helper()
+	if s.h.Simulated != "" {
+		t.Skip("needs a real container: " + s.h.Simulated)
+	}
+}
+
+// needsSocketDir skips a case that reads what its probe writes into the
+// socket directory.
+func (s *suite) needsSocketDir(t *testing.T) {
+	t.Helper()
+	if s.h.NoSocketDir != "" && s.h.Simulated == "" {
+		t.Skip("reads probe output from the socket directory: " + s.h.NoSocketDir)
+	}
 }
 
 // spec returns a Spec with a fresh id and socket directory running args.
@@ -311,6 +339,8 @@ func (s *suite) testExitCodes(t *testing.T) {
 // testIdentity: the executor is uid/gid 1000 with no capabilities in any
 // set and no_new_privs.
 func (s *suite) testIdentity(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	out := s.runOK(t, s.script(t, `
 grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status |
   sed -e 's/:[[:space:]]*/=/' -e 's/[[:space:]]\{1,\}/ /g' -e 's/ $//' > /run/sandbox/out`))
@@ -323,6 +353,8 @@ grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc
 }
 
 func (s *suite) testEnvironment(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.script(t, `{
 echo "test=$SANDBOX_TEST"
 echo "cwd=$(pwd)"
@@ -336,6 +368,8 @@ command -v sh >/dev/null && echo "path=ok"
 // bounded, and the /proc files the usual masks guard are out of reach for
 // the unprivileged executor even without those masks.
 func (s *suite) testFilesystem(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	over := testLimits.DiskMiB + 4
 	spec := s.script(t, fmt.Sprintf(`
 probe() { name=$1; shift; if ( "$@" ) >/dev/null 2>&1; then echo "$name=yes"; else echo "$name=no"; fi; }
@@ -368,6 +402,8 @@ echo "tmp_stat=$(stat -c %%a /tmp)"
 // testMounts: only the standard mount points exist, with the options that
 // keep them harmless.
 func (s *suite) testMounts(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.script(t, `cat /proc/self/mounts > /run/sandbox/mounts`)
 	if code := s.run(t, spec); code != 0 {
 		t.Fatalf("probe exited %d", code)
@@ -417,12 +453,16 @@ func (s *suite) testMounts(t *testing.T) {
 
 // testNetwork: the only interface is loopback.
 func (s *suite) testNetwork(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.script(t, `tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sed 's/^/if=/' > /run/sandbox/out; echo "count=$(tail -n +3 /proc/net/dev | wc -l)" >> /run/sandbox/out`)
 	checkKV(t, s.runOK(t, spec), map[string]string{"if": "lo", "count": "1"})
 }
 
 // testDevices: only the harmless character devices exist.
 func (s *suite) testDevices(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.script(t, `{
 for f in /dev/* /dev/pts/* /dev/shm/* /dev/mqueue/*; do
   if [ -h "$f" ]; then continue; fi
@@ -471,6 +511,8 @@ echo x > /dev/null && echo "null=ok"
 // testBubblewrap: the executor can run user code under bubblewrap with its
 // own /proc and every namespace unshared.
 func (s *suite) testBubblewrap(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.script(t, `
 if ! command -v bwrap >/dev/null; then echo "bwrap=missing" > /run/sandbox/out; exit 0; fi
 bwrap --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp --unshare-all --die-with-parent --new-session \
@@ -660,6 +702,7 @@ func (s *suite) testUpdateErrors(t *testing.T) {
 // first of a group can go while the others keep running, a new one joins,
 // and each one stops, updates and is destroyed on its own.
 func (s *suite) testGroup(t *testing.T) {
+	s.needsSocketDir(t)
 	rt := s.h.Runtime
 	group := s.agent + "/group-" + randomHex(4)
 	member := func() runtime.Spec {
@@ -720,6 +763,8 @@ func (s *suite) testGroup(t *testing.T) {
 // testOOMKill: a process that outgrows the memory limit is killed by the
 // kernel (no swap to escape into).
 func (s *suite) testOOMKill(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.script(t, `x=$(head -c 256m /dev/zero | tr '\0' a); echo survived > /run/sandbox/out`)
 	spec.Limits.MemoryMiB = 32
 	spec.Limits.DiskMiB = 8
@@ -734,6 +779,8 @@ func (s *suite) testOOMKill(t *testing.T) {
 // testPidsLimit: a container cannot have more processes than its pids
 // limit; the forks past it fail, and the container goes on.
 func (s *suite) testPidsLimit(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	// Python, because a shell at the limit cannot even fork to count.
 	spec := s.spec(t, "python3", "-c", `
 import os, signal, time
@@ -769,6 +816,8 @@ for pid in kids:
 // of CPU in 1.5 s; the bound is generous (0.6 s: unthrottled it would be
 // 1.5 s) so that a loaded host cannot make it fail.
 func (s *suite) testCPUQuota(t *testing.T) {
+	s.needsKernel(t)
+	s.needsSocketDir(t)
 	spec := s.spec(t, "python3", "-c", `
 import os, time
 end = time.monotonic() + 1.5
@@ -798,6 +847,7 @@ func (s *suite) testRecovery(t *testing.T) {
 	if s.h.Reopen == nil {
 		t.Skip("the harness cannot reopen the adapter")
 	}
+	s.needsSocketDir(t)
 	spec := s.script(t, `trap 'exit 3' TERM; touch /run/sandbox/ready; sleep 300 & wait`)
 	spec.Labels = map[string]string{"sandbox.test.recovery": "yes"}
 	s.start(t, spec)
@@ -849,6 +899,7 @@ func (s *suite) testRecovery(t *testing.T) {
 }
 
 func (s *suite) testStop(t *testing.T) {
+	s.needsSocketDir(t)
 	cases := []struct {
 		name    string
 		script  string
@@ -969,6 +1020,7 @@ func (s *suite) testList(t *testing.T) {
 }
 
 func (s *suite) testLogPath(t *testing.T) {
+	s.needsKernel(t)
 	// The executor's log matters while it runs, so check it then: at exit the
 	// shim may still be copying the last lines when the exit event arrives.
 	spec := s.script(t, `echo out-line; echo err-line >&2; exec sleep 60`)
@@ -992,6 +1044,9 @@ func (s *suite) testStartFailure(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			if c.name == "missing socket dir" && s.h.NoSocketDir != "" {
+				t.Skip("the runtime does not use the socket directory: " + s.h.NoSocketDir)
+			}
 			spec := s.spec(t, "sleep", "300")
 			c.modify(&spec)
 			if _, err := s.h.Runtime.Start(t.Context(), spec); err == nil {
