@@ -35,6 +35,23 @@ lint:
 images: build
 	PUSH=$(PUSH) images/build.sh $(BIN)/sandbox-executor
 
+## images-dockerfile: docker build the operator Dockerfiles (images/base,
+## images/templates/*) FROM a debian:bookworm-slim imported from a debootstrap
+## tree, and check the images; tags DOCKERFILE_PREFIX<name>:latest (default
+## localhost/sandbox-dockerfile/). Needs root and dockerd.
+.PHONY: images-dockerfile
+images-dockerfile: build
+	images/docker-build.sh $(BIN)/sandbox-executor
+
+## test-images-dockerfile: the runtime conformance suite, on the Docker
+## adapter, from the images make images-dockerfile built
+DOCKERFILE_PREFIX ?= localhost/sandbox-dockerfile/
+.PHONY: test-images-dockerfile
+test-images-dockerfile:
+	for t in python-basic python-datascience; do \
+		CI=true SANDBOX_TEST_IMAGE=$(DOCKERFILE_PREFIX)$$t:latest $(GO) test -count=1 -timeout 10m -run 'TestConformance' ./agent/runtime/docker/ || exit 1; \
+	done
+
 ## test: the whole suite (needs root, containerd, runc and bubblewrap; .ci/run installs them)
 test: lint images
 	$(GO) test -race -count=1 -timeout 30m ./...
@@ -47,6 +64,25 @@ test: lint images
 test-adversarial: images
 	CI=true $(GO) test -race -count=1 -timeout 20m -v -run 'TestAdversarial' ./internal/e2e/
 	CI=true $(GO) test -race -count=1 -timeout 10m -run 'TestExecutorIsolation|TestExecutorSeccomp|TestSeccomp' ./executor/ ./agent/runtime/containerd/
+
+## test-adversarial-docker: the adversarial suite with the agent on
+## --runtime docker (needs dockerd and the images loaded into it: make images
+## does that when dockerd answers)
+.PHONY: test-adversarial-docker
+test-adversarial-docker: images
+	CI=true SANDBOX_TEST_RUNTIME=docker $(GO) test -race -count=1 -timeout 20m -v -run 'TestAdversarial' ./internal/e2e/
+
+## test-kubernetes: the runtime conformance suite on a real Kubernetes cluster
+## (1.33 or later): the one KUBECONFIG (or SANDBOX_KUBECONFIG) names, in
+## namespace SANDBOX_TEST_NAMESPACE (default sandbox-test, made if missing),
+## with SANDBOX_TEST_IMAGE, an image its nodes can pull. Only the lifecycle
+## cases run there (agent/runtime/kubernetes/realcluster_test.go says which);
+## make test runs the suite on a fake cluster.
+.PHONY: test-kubernetes
+test-kubernetes:
+	@test -n "$${SANDBOX_KUBECONFIG:-$$KUBECONFIG}" || { echo "test-kubernetes: set KUBECONFIG (or SANDBOX_KUBECONFIG) to the cluster's kubeconfig file"; exit 1; }
+	@test -n "$$SANDBOX_TEST_IMAGE" || { echo "test-kubernetes: set SANDBOX_TEST_IMAGE to an image the cluster's nodes can pull"; exit 1; }
+	SANDBOX_TEST_KUBERNETES=1 $(GO) test -race -count=1 -timeout 20m -v -run 'TestRealCluster' ./agent/runtime/kubernetes/
 
 ## test-fuzz: each fuzz target for FUZZTIME (default 1m): the artifact
 ## collector against hostile workspace trees, the validation of artifact
@@ -93,12 +129,14 @@ test-chaos-ci:
 	$(MAKE) test-chaos RUNS=5
 
 ## up: install what is missing, build, start a local scheduler and agent, run a sample
+## (RUNTIME=docker: the agent drives Docker instead of containerd)
+RUNTIME ?= containerd
 up:
-	deploy/local/up.sh
+	RUNTIME=$(RUNTIME) deploy/local/up.sh
 
 ## cluster: three servers (one Raft cluster) and two agents on loopback ports
 cluster:
-	deploy/local/cluster.sh
+	RUNTIME=$(RUNTIME) deploy/local/cluster.sh
 
 ## down: stop what `make up` or `make cluster` started
 down:

@@ -26,6 +26,9 @@
 #   DEBIAN_MIRROR       Debian mirror (default: the host's apt sources)
 #   DEBIAN_SECURITY_MIRROR  security mirror (default: the host's apt sources)
 #   OCITAR              a prebuilt images/ocitar binary (default: go build it)
+#   DOCKER_LOAD         auto (default): also load every image into Docker when a
+#                       Docker daemon answers (for agents run with --runtime
+#                       docker; needs skopeo); 1: require it; 0: never
 #   PUSH                a registry (host:port): also push every image there as
 #                       <PUSH>/sandbox/<template>:latest, for agents that pull
 #                       (plain HTTP for loopback hosts and PUSH_PLAIN_HTTP=1)
@@ -97,46 +100,10 @@ preflight() {
 		die "containerd does not answer at $ADDR (start it: systemctl start containerd, or containerd &; or set CONTAINERD_ADDRESS)"
 }
 
-# debian_sources prints "URI SUITE" for every enabled deb source of the host,
-# from one-line (.list) and deb822 (.sources) files.
-debian_sources() {
-	local f
-	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-		[[ -f $f ]] || continue
-		sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" && NF >= 3 { print $2, $3 }'
-	done
-	for f in /etc/apt/sources.list.d/*.sources; do
-		[[ -f $f ]] || continue
-		awk 'BEGIN { RS = ""; FS = "\n" }
-		{
-			types = ""; uris = ""; suites = ""; enabled = "yes"
-			for (i = 1; i <= NF; i++) {
-				line = $i
-				if (line ~ /^#/) continue
-				split(line, kv, ":")
-				key = tolower(kv[1]); val = substr(line, length(kv[1]) + 2)
-				gsub(/^[ \t]+|[ \t]+$/, "", val)
-				if (key == "types") types = val
-				else if (key == "uris") uris = val
-				else if (key == "suites") suites = val
-				else if (key == "enabled") enabled = tolower(val)
-			}
-			if (enabled == "no" || types !~ /(^| )deb( |$)/) next
-			nu = split(uris, u, /[ \t]+/); ns = split(suites, s, /[ \t]+/)
-			for (a = 1; a <= nu; a++) for (b = 1; b <= ns; b++) print u[a], s[b]
-		}' "$f"
-	done
-}
-
-find_mirrors() {
-	local sources
-	sources=$(debian_sources)
-	MIRROR=${DEBIAN_MIRROR:-$(awk -v s="$SUITE" '$2 == s && $1 !~ /security/ { print $1; exit }' <<<"$sources")}
-	SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-$(awk -v s="$SUITE-security" '$2 == s { print $1; exit }' <<<"$sources")}
-	[[ -n $MIRROR ]] || die "no Debian $SUITE mirror in /etc/apt/sources.list or /etc/apt/sources.list.d/*.sources; set DEBIAN_MIRROR=http://deb.debian.org/debian"
-	MIRROR=${MIRROR%/}
-	SECURITY_MIRROR=${SECURITY_MIRROR%/}
-}
+# debian_sources, find_mirrors (sets MIRROR, SECURITY_MIRROR) and
+# apt_sources_list; shared with images/docker-build.sh.
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$IMAGES_DIR/lib.sh"
 
 # ---------------------------------------------------------------- mounts
 
@@ -274,11 +241,7 @@ build_base() {
 	log "base rootfs: debootstrap done in $(since "$t0")"
 
 	# Equivalent of images/base/Dockerfile from here on.
-	{
-		echo "deb $MIRROR $SUITE main"
-		echo "deb $MIRROR $SUITE-updates main"
-		[[ -z $SECURITY_MIRROR ]] || echo "deb $SECURITY_MIRROR $SUITE-security main"
-	} >"$r/etc/apt/sources.list"
+	apt_sources_list >"$r/etc/apt/sources.list"
 	write_apt_dpkg_config "$r"
 	local t1
 	t1=$(now)
@@ -411,29 +374,27 @@ layer_field() {
 
 # ensure_image NAME DESC... makes localhost/sandbox/NAME:latest in containerd
 # the image of these layers: it checks the manifest digest and the unpacked
-# snapshot, and writes and imports the archive only when they differ.
+# snapshot, and writes and imports the archive only when they differ. With
+# Docker in use (docker_wanted), it loads the same image into Docker too.
 ensure_image() {
-	local name=$1 ref="$PREFIX$1:latest" archive="$CACHE/archives/$1.oci.tar" t0 manifest chain current
+	local name=$1 ref="$PREFIX$1:latest" t0 manifest chain current
 	shift
-	local args=(-blobs "$CACHE/blobs" -name "$ref" -user "$SANDBOX_UID:$SANDBOX_UID"
+	IMAGE_ARGS=(-blobs "$CACHE/blobs" -name "$ref" -user "$SANDBOX_UID:$SANDBOX_UID"
 		-entrypoint "$EXECUTOR_PATH" -workdir /workspace -env "$IMAGE_PATH_ENV"
 		-label "org.opencontainers.image.title=sandbox $name"
 		-label "io.sandboxhq.template=$name")
 	t0=$(now)
-	read -r manifest chain < <("$OCITAR" image "${args[@]}" "$@" | awk -F'"' '/"manifest"/ { m = $4 } /"chainID"/ { c = $4 } END { print m, c }')
+	read -r manifest chain < <("$OCITAR" image "${IMAGE_ARGS[@]}" "$@" | awk -F'"' '/"manifest"/ { m = $4 } /"chainID"/ { c = $4 } END { print m, c }')
 	[[ -n $manifest && -n $chain ]] || die "computing the manifest of $ref failed"
+	((DOCKER_LOAD_ON == 0)) || ensure_docker_image "$name" "$manifest" "$@"
 	current=$(ctr -a "$ADDR" -n "$NS" images ls "name==$ref" | awk 'NR > 1 { print $3 }')
 	if [[ $current == "$manifest" ]] &&
 		ctr -a "$ADDR" -n "$NS" snapshots --snapshotter overlayfs info "$chain" >/dev/null 2>&1; then
 		log "image $ref: up to date (${manifest:7:12}) in $(since "$t0")"
 		return
 	fi
-	mkdir -p "$CACHE/archives"
-	if [[ ! -f $archive || ! -f $archive.manifest || $(<"$archive.manifest") != "$manifest" ]]; then
-		rm -f "$archive.manifest"
-		"$OCITAR" image "${args[@]}" -out "$archive" "$@" >/dev/null || die "writing $archive failed"
-		echo "$manifest" >"$archive.manifest"
-	fi
+	local archive
+	archive=$(write_archive "$name" "$manifest" "$@")
 	# One retry: an unpack can lose a race with containerd's garbage collector
 	# over a parent snapshot another image just stopped referencing ("parent
 	# snapshot ... does not exist"); the second unpack makes the chain anew.
@@ -445,6 +406,60 @@ ensure_image() {
 	ctr -a "$ADDR" -n "$NS" snapshots --snapshotter overlayfs info "$chain" >/dev/null 2>&1 ||
 		die "after import, $ref is not unpacked for overlayfs (snapshot $chain missing)"
 	log "image $ref: imported ${manifest:7:12} in $(since "$t0")"
+}
+
+# write_archive NAME MANIFEST DESC... writes the OCI archive of image NAME
+# (IMAGE_ARGS) unless the cached one has MANIFEST, and prints its path.
+write_archive() {
+	local name=$1 manifest=$2 archive="$CACHE/archives/$1.oci.tar"
+	shift 2
+	mkdir -p "$CACHE/archives"
+	if [[ ! -f $archive || ! -f $archive.manifest || $(<"$archive.manifest") != "$manifest" ]]; then
+		rm -f "$archive.manifest"
+		"$OCITAR" image "${IMAGE_ARGS[@]}" -out "$archive" "$@" >/dev/null || die "writing $archive failed"
+		echo "$manifest" >"$archive.manifest"
+	fi
+	echo "$archive"
+}
+
+# docker_wanted sets DOCKER_LOAD_ON: DOCKER_LOAD=1 loads the images into
+# Docker too (and fails without a Docker daemon), 0 never does, and auto
+# (the default) does when a Docker daemon answers.
+docker_wanted() {
+	DOCKER_LOAD_ON=0
+	case ${DOCKER_LOAD:-auto} in
+	0) return ;;
+	1) ;;
+	auto) command -v docker >/dev/null && timeout 10 docker version >/dev/null 2>&1 || return 0 ;;
+	*) die "DOCKER_LOAD=${DOCKER_LOAD} (want 0, 1 or auto)" ;;
+	esac
+	command -v docker >/dev/null || die "DOCKER_LOAD=1 but there is no docker client (apt-get install docker.io)"
+	timeout 10 docker version >/dev/null 2>&1 || die "DOCKER_LOAD=1 but no Docker daemon answers (start it: dockerd &)"
+	command -v skopeo >/dev/null || die "loading the images into Docker needs skopeo (apt-get install skopeo), or set DOCKER_LOAD=0"
+	DOCKER_LOAD_ON=1
+	log "Docker answers: the images go into Docker too (DOCKER_LOAD=0 to skip)"
+}
+
+# ensure_docker_image NAME MANIFEST DESC... loads localhost/sandbox/NAME:latest
+# into Docker unless Docker holds the image this script loaded for MANIFEST.
+# Docker 20.10 loads Docker-format archives only; skopeo converts the OCI
+# archive on the way (docker-daemon: transport, a docker load).
+ensure_docker_image() {
+	local name=$1 manifest=$2 ref="$PREFIX$1:latest" mark="$CACHE/docker/$1.loaded" t0 id archive
+	shift 2
+	t0=$(now)
+	id=$(docker image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)
+	if [[ -n $id && -f $mark && $(<"$mark") == "$manifest $id" ]]; then
+		log "image $ref (Docker): up to date in $(since "$t0")"
+		return
+	fi
+	archive=$(write_archive "$name" "$manifest" "$@")
+	skopeo copy -q "oci-archive:$archive" "docker-daemon:$ref" >>"$CACHE/logs/docker-load.log" 2>&1 ||
+		die "loading $ref into Docker failed (see $CACHE/logs/docker-load.log)"
+	id=$(docker image inspect --format '{{.Id}}' "$ref") || die "after loading, Docker has no $ref"
+	mkdir -p "$CACHE/docker"
+	echo "$manifest $id" >"$mark"
+	log "image $ref (Docker): loaded in $(since "$t0")"
 }
 
 # ---------------------------------------------------------------- main
@@ -462,6 +477,7 @@ main() {
 
 	preflight
 	find_mirrors
+	docker_wanted
 	local start
 	start=$(now)
 	mkdir -p "$CACHE"

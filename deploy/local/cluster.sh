@@ -39,7 +39,7 @@ for i in 1 2; do
 	start "sandbox-agent-a$i" bin/sandbox-agent --id "local-agent-a$i" --data-dir "$C/a$i" \
 		--listen "127.0.0.1:$port" --server "$servers" \
 		--gossip-addr "127.0.0.1:$((port + 100))" --gossip-join "$gossip" \
-		--cluster-token-file "$STATE/cluster-token" --containerd-address "$CONTAINERD_ADDRESS" \
+		--cluster-token-file "$STATE/cluster-token" $(agent_runtime_args) \
 		--pprof-addr "127.0.0.1:$((6070 + i))"
 done
 wait_ready

@@ -1,6 +1,10 @@
 # Shared by up.sh and cluster.sh: prepare the host, build, and start daemons.
 # Sourced from the repository root with ROOT, STATE and CONTAINERD_ADDRESS set.
+# RUNTIME=docker runs the agents on Docker (--runtime docker) instead of
+# containerd; containerd runs either way (the image build and dockerd use it).
 SECONDS=0
+RUNTIME=${RUNTIME:-containerd}
+case $RUNTIME in containerd | docker) ;; *) printf 'make up: RUNTIME=%s: want containerd or docker\n' "$RUNTIME" >&2; exit 2 ;; esac
 step() { printf '==> [%3ds] %s\n' "$SECONDS" "$*"; }
 die() { printf 'make up: %s\n' "$*" >&2; exit 1; }
 
@@ -11,6 +15,10 @@ command -v go >/dev/null || die "Go is not on PATH (Go 1.26 is needed to build)"
 # 1. System packages.
 source deploy/local/packages.sh
 missing=$(missing_packages)
+if [ "$RUNTIME" = docker ]; then
+	command -v dockerd >/dev/null || missing="$missing docker.io"
+	command -v skopeo >/dev/null || missing="$missing skopeo"
+fi
 if [ -n "$missing" ]; then
 	step "installing: $missing"
 	apt-get update -qq
@@ -41,11 +49,25 @@ if ! ctr -a "$CONTAINERD_ADDRESS" version >/dev/null 2>&1; then
 	ctr -a "$CONTAINERD_ADDRESS" version >/dev/null 2>&1 || die "containerd did not start; see $STATE/logs/containerd.log"
 fi
 
-# 4. Build and images.
+# 3b. dockerd, for RUNTIME=docker.
+if [ "$RUNTIME" = docker ] && ! docker version >/dev/null 2>&1; then
+	step "starting dockerd"
+	if [ -d /run/systemd/system ] && systemctl start docker 2>/dev/null; then :; else
+		nohup dockerd --containerd "$CONTAINERD_ADDRESS" >"$STATE/logs/dockerd.log" 2>&1 &
+	fi
+	for _ in $(seq 300); do docker version >/dev/null 2>&1 && break; sleep 0.1; done
+	docker version >/dev/null 2>&1 || die "dockerd did not start; see $STATE/logs/dockerd.log"
+fi
+
+# 4. Build and images (loaded into Docker too for RUNTIME=docker).
 step "building"
 make --no-print-directory build >/dev/null
 step "building images (cached after the first run)"
-images/build.sh bin/sandbox-executor
+if [ "$RUNTIME" = docker ]; then
+	DOCKER_LOAD=1 images/build.sh bin/sandbox-executor
+else
+	images/build.sh bin/sandbox-executor
+fi
 
 # 5. Keys.
 umask 077
@@ -58,12 +80,24 @@ printf 'dev %s admin\n' "$(cat "$STATE/api-key")" >"$STATE/api-keys"
 umask 022
 }
 
+# agent_runtime_args prints the agent's flags for RUNTIME.
+agent_runtime_args() {
+	if [ "$RUNTIME" = docker ]; then
+		echo --runtime docker
+	else
+		echo --runtime containerd --containerd-address "$CONTAINERD_ADDRESS"
+	fi
+}
+
 start() { # name, then the command
 	local name=$1; shift
 	local pidf=$STATE/$name.pid
 	if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
 		if [ "$1" -nt "$pidf" ]; then
 			step "restarting $name (new binary)"
+			deploy/local/down.sh "$name" >/dev/null
+		elif [ "$*" != "$(cat "$pidf.args" 2>/dev/null)" ]; then
+			step "restarting $name (new flags)"
 			deploy/local/down.sh "$name" >/dev/null
 		else
 			step "$name already running (pid $(cat "$pidf"))"
@@ -73,6 +107,7 @@ start() { # name, then the command
 	step "starting $name"
 	nohup "$@" >>"$STATE/logs/$name.log" 2>&1 &
 	echo $! >"$pidf"
+	echo "$*" >"$pidf.args"
 }
 
 # wait_ready runs the sample execution until it works (the cluster is then

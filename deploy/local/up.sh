@@ -17,12 +17,12 @@ start sandbox-scheduler bin/sandbox-scheduler --id local-1 --data-dir "$STATE/sc
 start sandbox-agent bin/sandbox-agent --id local-agent-1 --data-dir "$STATE/agent" \
 	--listen 127.0.0.1:7402 --server http://127.0.0.1:7401 \
 	--gossip-addr 127.0.0.1:7501 --gossip-join 127.0.0.1:7500 \
-	--cluster-token-file "$STATE/cluster-token" --containerd-address "$CONTAINERD_ADDRESS"
+	--cluster-token-file "$STATE/cluster-token" $(agent_runtime_args)
 
 wait_ready
 cat <<MSG
 
-The local cluster is up: API on http://127.0.0.1:7400, key in .sandbox/api-key, logs in .sandbox/logs/.
+The local cluster is up (agent on $RUNTIME): API on http://127.0.0.1:7400, key in .sandbox/api-key, logs in .sandbox/logs/.
 Try:
   bin/sandboxctl exec --template python-basic -c 'print(6*7)'
   bin/sandboxctl exec --template nodejs-basic --language node -c 'console.log(6*7)'
