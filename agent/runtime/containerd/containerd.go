@@ -377,9 +377,8 @@ func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error
 // updateLimits checks l against the container's spec and writes it to the
 // container's cgroup; prev, when known, is what the cgroup holds.
 func (r *Runtime) updateLimits(id string, disk int64, prev *sandbox.Limits, l sandbox.Limits) error {
-	if l.DiskMiB != disk {
-		return fmt.Errorf("%w: update container %s: disk limit %d MiB differs from the %d MiB it was created with",
-			sandbox.ErrInvalidArgument, id, l.DiskMiB, disk)
+	if err := isolation.ValidateUpdate(id, l, disk); err != nil {
+		return err
 	}
 	if err := r.cgroups.set(r.CgroupPath(id), prev, l); err != nil {
 		return fmt.Errorf("update limits of container %s: %w", id, err)

@@ -44,12 +44,16 @@ func ValidateSpec(s runtime.Spec) error {
 	case s.LogPath != "" && !path.IsAbs(s.LogPath):
 		return fmt.Errorf("%w: container %s: log path %q must be absolute", sandbox.ErrInvalidArgument, s.ID, s.LogPath)
 	}
-	// A zero limit would mean "unlimited" to the kernel (and a tmpfs of
-	// size=0 is unbounded), so every limit must be set.
-	l := s.Limits
+	return ValidateLimits(s.ID, s.Limits)
+}
+
+// ValidateLimits rejects the limits of a new container id unless all are
+// set: a zero limit would mean "unlimited" to the kernel (and a tmpfs of
+// size=0, or a Kubernetes limit left out, is unbounded).
+func ValidateLimits(id string, l sandbox.Limits) error {
 	if l.CPUMillis <= 0 || l.MemoryMiB <= 0 || l.Pids <= 0 || l.DiskMiB <= 0 {
 		return fmt.Errorf("%w: container %s: cpu, memory, pids and disk limits must all be positive, got %+v",
-			sandbox.ErrInvalidArgument, s.ID, l)
+			sandbox.ErrInvalidArgument, id, l)
 	}
 	return nil
 }

@@ -72,13 +72,10 @@ func validateSpec(s runtime.Spec) error {
 	case s.LogPath != "" && !path.IsAbs(s.LogPath):
 		return fmt.Errorf("%w: container %s: log path %q must be absolute", sandbox.ErrInvalidArgument, s.ID, s.LogPath)
 	}
-	// A zero limit would leave the container unbounded (Kubernetes reads a
-	// missing limit as none, and an emptyDir without sizeLimit as the node's
-	// memory), so every limit must be set.
-	l := s.Limits
-	if l.CPUMillis <= 0 || l.MemoryMiB <= 0 || l.Pids <= 0 || l.DiskMiB <= 0 {
-		return fmt.Errorf("%w: container %s: cpu, memory, pids and disk limits must all be positive, got %+v",
-			sandbox.ErrInvalidArgument, s.ID, l)
+	// Kubernetes reads a missing limit as none, and an emptyDir without
+	// sizeLimit as the node's memory.
+	if err := isolation.ValidateLimits(s.ID, s.Limits); err != nil {
+		return err
 	}
 	if err := validateLabels(s.Labels); err != nil {
 		return fmt.Errorf("container %s: %w", s.ID, err)
