@@ -77,6 +77,13 @@ type Config struct {
 	// CPUMillis and MemoryMiB are the capacity the agent announces.
 	CPUMillis int32
 	MemoryMiB int64
+	// CallbackListen, when set, is a TCP address where executors call back
+	// (for runtimes whose containers run elsewhere, as Kubernetes Pods do),
+	// and CallbackURL is the URL they are given for it; both or neither.
+	// Empty: executors call back on the unix socket in their socket
+	// directory.
+	CallbackListen string
+	CallbackURL    string
 	// ExecutorLogLevel is passed to every executor as LOG_LEVEL.
 	ExecutorLogLevel string
 	// WarmConcurrency bounds how many warm containers start at once when
@@ -207,6 +214,8 @@ func New(cfg Config) (*Agent, error) {
 		return nil, errors.New("agent config: ClusterToken is required")
 	case cfg.Runtime == nil:
 		return nil, errors.New("agent config: Runtime is required")
+	case (cfg.CallbackListen == "") != (cfg.CallbackURL == ""):
+		return nil, errors.New("agent config: CallbackListen and CallbackURL go together")
 	}
 	if cfg.ListenAddr == "" {
 		cfg.ListenAddr = DefaultConfig().ListenAddr
@@ -309,6 +318,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer a.shutdown()
 
+	// Before re-adoption: adopted executors may call back at once.
+	stopCallbacks, err := a.serveCallbacksTCP()
+	if err != nil {
+		return err
+	}
+	defer stopCallbacks()
 	if err := a.recoverSessions(ctx); err != nil {
 		return err
 	}

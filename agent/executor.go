@@ -10,20 +10,26 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 
 	"connectrpc.com/connect"
 
 	"github.com/sandboxhq/sandbox"
+	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/executor/executorapi"
 )
 
 // maxExecutorResponseBytes bounds what the agent reads from an executor's answer.
 const maxExecutorResponseBytes = 1 << 20
 
-// executorClient talks to one container's executor over its unix socket.
+// executorClient talks to one container's executor over its unix socket,
+// or over TCP where the runtime gives an endpoint.
 type executorClient struct {
 	sessionID string
+	// network is "unix" or "tcp"; socket is the unix socket's path or the
+	// TCP endpoint.
+	network   string
 	socket    string
 	token     string
 	transport *http.Transport
@@ -31,22 +37,47 @@ type executorClient struct {
 }
 
 func newExecutorClient(sessionID, socket, token string) *executorClient {
+	return newExecutorClientOn(sessionID, "unix", socket, token)
+}
+
+// executorClientFor is the client of a started container's executor: on
+// TCP at the endpoint its runtime reported (Kubernetes: the Pod's IP), on
+// the unix socket in its socket directory otherwise.
+func executorClientFor(sessionID, socket string, st runtime.Status, token string) *executorClient {
+	if st.Endpoint != "" {
+		return newExecutorClientOn(sessionID, "tcp", st.Endpoint, token)
+	}
+	return newExecutorClient(sessionID, socket, token)
+}
+
+func newExecutorClientOn(sessionID, network, socket, token string) *executorClient {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			return d.DialContext(ctx, network, socket)
 		},
 		MaxIdleConnsPerHost: 4,
 		DisableCompression:  true,
 	}
-	return &executorClient{sessionID: sessionID, socket: socket, token: token, transport: tr, client: &http.Client{Transport: tr}}
+	return &executorClient{sessionID: sessionID, network: network, socket: socket, token: token, transport: tr, client: &http.Client{Transport: tr}}
 }
 
 // forSession is a client of the same executor, over the same connections,
 // that speaks for a session with its token (a claimed warm container's
 // executor is already connected from its health checks).
 func (c *executorClient) forSession(sessionID, token string) *executorClient {
-	return &executorClient{sessionID: sessionID, socket: c.socket, token: token, transport: c.transport, client: c.client}
+	return &executorClient{sessionID: sessionID, network: c.network, socket: c.socket, token: token, transport: c.transport, client: c.client}
+}
+
+// present reports whether the executor's socket may be dialled: a unix
+// socket must exist first (dialling a missing one costs a failed call);
+// a TCP endpoint is tried.
+func (c *executorClient) present() bool {
+	if c.network != "unix" {
+		return true
+	}
+	_, err := os.Stat(c.socket)
+	return err == nil
 }
 
 // close drops the client's idle connections.

@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -43,7 +44,10 @@ type fakeRuntime struct {
 	noExecutor bool
 	// exitOnStart makes containers exit right after Start.
 	exitOnStart bool
-	destroyed   []string
+	// tcp runs executors on TCP, reported as Status.Endpoint, calling back
+	// on the CONTROL_PLANE_URL of their env, as Kubernetes Pods do.
+	tcp       bool
+	destroyed []string
 }
 
 type fakeContainer struct {
@@ -69,7 +73,13 @@ func (f *fakeRuntime) Start(_ context.Context, spec runtime.Spec) (runtime.Statu
 	}
 	c := &fakeContainer{spec: spec, exitCh: make(chan runtime.ExitResult, 1)}
 	if !f.noExecutor && !f.exitOnStart {
-		e, err := startFakeExecutor(spec.SocketDir)
+		var e *fakeExecutor
+		var err error
+		if f.tcp {
+			e, err = startFakeExecutorTCP(spec)
+		} else {
+			e, err = startFakeExecutor(spec.SocketDir)
+		}
 		if err != nil {
 			return runtime.Status{}, err
 		}
@@ -80,7 +90,16 @@ func (f *fakeRuntime) Start(_ context.Context, spec runtime.Spec) (runtime.Statu
 		c.exited, c.code = true, 2
 		c.exitCh <- runtime.ExitResult{ExitCode: 2}
 	}
-	return runtime.Status{ID: spec.ID, Labels: spec.Labels, Running: true}, nil
+	return c.status(spec.ID), nil
+}
+
+// status is what Inspect and List report of c.
+func (c *fakeContainer) status(id string) runtime.Status {
+	st := runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited, ExitCode: c.code}
+	if c.exec != nil && c.exec.endpoint != "" && !c.exited {
+		st.Endpoint = c.exec.endpoint
+	}
+	return st
 }
 
 func (f *fakeRuntime) Wait(_ context.Context, id string) (<-chan runtime.ExitResult, error) {
@@ -139,7 +158,7 @@ func (f *fakeRuntime) Inspect(_ context.Context, id string) (runtime.Status, err
 	if !ok {
 		return runtime.Status{}, runtime.ErrNotFound
 	}
-	return runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited, ExitCode: c.code}, nil
+	return c.status(id), nil
 }
 
 func (f *fakeRuntime) List(_ context.Context, match map[string]string) ([]runtime.Status, error) {
@@ -153,7 +172,7 @@ next:
 				continue next
 			}
 		}
-		out = append(out, runtime.Status{ID: id, Labels: c.spec.Labels, Running: !c.exited, ExitCode: c.code})
+		out = append(out, c.status(id))
 	}
 	return out, nil
 }
@@ -202,7 +221,10 @@ type fakeExecutor struct {
 	srv       *http.Server
 	socketDir string
 	callbacks *http.Client
-	wg        sync.WaitGroup
+	// endpoint is where a TCP executor listens, and callbackURL where it
+	// calls back; both empty on unix sockets.
+	endpoint, callbackURL string
+	wg                    sync.WaitGroup
 
 	// release lets executions with code "hold" report; closed by releaseHeld or close.
 	release     chan struct{}
@@ -229,12 +251,31 @@ func startFakeExecutor(socketDir string) (*fakeExecutor, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &fakeExecutor{
-		socketDir: socketDir,
-		callbacks: unixClient(filepath.Join(socketDir, executorapi.AgentSocket)),
-		outcomes:  make(chan callbackOutcome, 64),
-		release:   make(chan struct{}),
+	return serveFakeExecutor(ln, &fakeExecutor{socketDir: socketDir, callbacks: unixClient(filepath.Join(socketDir, executorapi.AgentSocket))}), nil
+}
+
+// startFakeExecutorTCP serves on loopback TCP and calls back on the
+// spec's CONTROL_PLANE_URL.
+func startFakeExecutorTCP(spec runtime.Spec) (*fakeExecutor, error) {
+	var cp string
+	for _, e := range spec.Env {
+		if v, ok := strings.CutPrefix(e, "CONTROL_PLANE_URL="); ok {
+			cp = v
+		}
 	}
+	if !strings.HasPrefix(cp, "http://") {
+		return nil, fmt.Errorf("container %s: CONTROL_PLANE_URL %q is not an http URL", spec.ID, cp)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	return serveFakeExecutor(ln, &fakeExecutor{callbacks: &http.Client{}, endpoint: ln.Addr().String(), callbackURL: cp}), nil
+}
+
+func serveFakeExecutor(ln net.Listener, e *fakeExecutor) *fakeExecutor {
+	e.outcomes = make(chan callbackOutcome, 64)
+	e.release = make(chan struct{})
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
 		e.mu.Lock()
@@ -308,7 +349,7 @@ func startFakeExecutor(socketDir string) (*fakeExecutor, error) {
 	})
 	e.srv = &http.Server{Handler: mux}
 	go e.srv.Serve(ln)
-	return e, nil
+	return e
 }
 
 func (e *fakeExecutor) authorized(r *http.Request) (string, bool) {
@@ -342,7 +383,11 @@ func (e *fakeExecutor) run(req executorapi.ExecuteRequest, token string) {
 }
 
 func (e *fakeExecutor) call(kind, method, path, token string, body []byte, hdr http.Header) {
-	req, _ := http.NewRequest(method, "http://agent"+path, bytes.NewReader(body))
+	base := "http://agent"
+	if e.callbackURL != "" {
+		base = strings.TrimSuffix(e.callbackURL, "/")
+	}
+	req, _ := http.NewRequest(method, base+path, bytes.NewReader(body))
 	for k, v := range hdr {
 		req.Header[k] = v
 	}
@@ -518,7 +563,7 @@ func newTestAgent(t *testing.T) *testAgent {
 
 // newTestAgentOn builds an agent on an existing data directory, runtime and
 // control plane: the same host after a restart.
-func newTestAgentOn(t *testing.T, dataDir string, rt *fakeRuntime, cp *fakeControlPlane, cpURL string) *testAgent {
+func newTestAgentOn(t *testing.T, dataDir string, rt *fakeRuntime, cp *fakeControlPlane, cpURL string, opts ...func(*Config)) *testAgent {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.ID = "agent-1"
@@ -528,6 +573,9 @@ func newTestAgentOn(t *testing.T, dataDir string, rt *fakeRuntime, cp *fakeContr
 	cfg.ClusterToken = testClusterToken
 	cfg.Runtime = rt
 	cfg.Registry = prometheus.NewRegistry()
+	for _, o := range opts {
+		o(&cfg)
+	}
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

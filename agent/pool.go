@@ -415,8 +415,12 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 		runtime.LabelWarm:     "true",
 	})
 	spec.Group = group
-	if _, err := a.rt.Start(sctx, spec); err != nil {
+	st, err := a.rt.Start(sctx, spec)
+	if err != nil {
 		return fail(fmt.Errorf("runtime start of warm container %s (image %s): %w", id, t.image, err))
+	}
+	if st.Endpoint != "" {
+		w.exec = executorClientFor(id, "", st, "")
 	}
 	exitCh, err := a.rt.Wait(waitCtx, id)
 	if err != nil {

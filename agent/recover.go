@@ -52,6 +52,11 @@ func (a *Agent) recoverSessions(ctx context.Context) error {
 
 	var adopt []state.Session
 	var errs []error
+	// statuses hold the executors' TCP endpoints, where the runtime has them.
+	statuses := map[string]runtime.Status{}
+	for _, st := range list {
+		statuses[st.ID] = st
+	}
 	for _, st := range list {
 		rec, known := byContainer[st.ID]
 		delete(byContainer, st.ID)
@@ -113,7 +118,7 @@ func (a *Agent) recoverSessions(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.adopt(ctx, rec)
+			a.adopt(ctx, rec, statuses[rec.ContainerID])
 		}()
 	}
 	wg.Wait()
@@ -156,7 +161,7 @@ func (a *Agent) socketDirOf(rec state.Session) string {
 // server on its socket directory, the exit watcher, and a bounded health
 // check of its executor. A container that fails any of them is destroyed
 // and its exit reported.
-func (a *Agent) adopt(ctx context.Context, rec state.Session) {
+func (a *Agent) adopt(ctx context.Context, rec state.Session, st runtime.Status) {
 	l := rec.Limits
 	s := a.newSession(rec.SessionID, rec.ContainerID, rec.TemplateID, rec.Image, rec.Token, a.socketDirOf(rec), sandbox.Limits{
 		CPUMillis:                  l.CPUMillis,
@@ -167,6 +172,9 @@ func (a *Agent) adopt(ctx context.Context, rec state.Session) {
 	})
 	s.state = sessionStarting
 	s.started = true
+	if st.Endpoint != "" {
+		s.exec = executorClientFor(s.id, "", st, s.token)
+	}
 	for _, id := range rec.PendingExecutionIDs {
 		s.executions[id] = struct{}{}
 		s.pending[id] = struct{}{}

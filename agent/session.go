@@ -254,11 +254,15 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 		runtime.LabelTemplate: s.templateID,
 	})
 	begin := time.Now()
-	if _, err := a.rt.Start(ctx, spec); err != nil {
+	st, err := a.rt.Start(ctx, spec)
+	if err != nil {
 		return fmt.Errorf("runtime start of container %s (image %s): %w", s.containerID, s.image, err)
 	}
 	a.mu.Lock()
 	s.started = true
+	if st.Endpoint != "" {
+		s.exec = executorClientFor(s.id, "", st, s.token)
+	}
 	a.mu.Unlock()
 
 	exitCh, err := a.rt.Wait(s.ctx, s.containerID)
@@ -381,7 +385,7 @@ func (a *Agent) containerSpec(id, dir, image string, l sandbox.Limits, labels ma
 		LogPath:   a.executorLog(id),
 		Env: []string{
 			"WORKSPACE_PATH=/workspace",
-			"CONTROL_PLANE_URL=unix://" + executorapi.SocketDir + "/" + executorapi.AgentSocket,
+			"CONTROL_PLANE_URL=" + a.controlPlaneURL(),
 			"EXECUTOR_SOCKET=" + executorapi.SocketDir + "/" + executorapi.ExecutorSocket,
 			"LOG_LEVEL=" + a.cfg.ExecutorLogLevel,
 			// The executor runs on one OS thread; set here, it need not
@@ -436,7 +440,7 @@ func pollHealth(ctx context.Context, c *executorClient, exited <-chan struct{}, 
 	defer tick.Stop()
 	var last error
 	for {
-		if _, err := os.Stat(c.socket); err == nil {
+		if c.present() {
 			actx, acancel := context.WithTimeout(ctx, 2*time.Second)
 			h, err := c.health(actx)
 			acancel()

@@ -26,6 +26,7 @@ import (
 	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/agent/runtime/containerd"
 	"github.com/sandboxhq/sandbox/agent/runtime/docker"
+	"github.com/sandboxhq/sandbox/agent/runtime/kubernetes"
 	"github.com/sandboxhq/sandbox/internal/debugserver"
 	"github.com/sandboxhq/sandbox/internal/membership"
 )
@@ -46,9 +47,16 @@ func run() error {
 		advertise        = flag.String("advertise", "", "address servers reach this agent at (default: the listen address)")
 		server           = flag.String("server", def.ServerURL, "URL of a scheduler's internal port, or several comma-separated (the agent fails over)")
 		clusterTokenFile = flag.String("cluster-token-file", "", "file holding the token servers and agents share")
-		runtimeKind      = flag.String("runtime", "containerd", "container runtime the agent drives: containerd, or docker (for hosts that run Docker)")
+		runtimeKind      = flag.String("runtime", "containerd", "container runtime the agent drives: containerd, docker (hosts that run Docker) or kubernetes (sandboxes as Pods; docs/kubernetes.md)")
 		containerdAddr   = flag.String("containerd-address", containerd.DefaultConfig().Address, "containerd socket (--runtime containerd)")
 		dockerHost       = flag.String("docker-host", "", "dockerd address, e.g. unix:///var/run/docker.sock (--runtime docker; default: $DOCKER_HOST, then Docker's default socket)")
+		kubeconfig       = flag.String("kubeconfig", "", "kubeconfig file (--runtime kubernetes; empty: the Pod's in-cluster configuration)")
+		kubeNamespace    = flag.String("kubernetes-namespace", kubernetes.DefaultConfig().Namespace, "namespace of the sandbox Pods (--runtime kubernetes)")
+		kubeNode         = flag.String("kubernetes-node", "", "node the sandbox Pods are pinned to, normally the agent's own (--runtime kubernetes; empty: the scheduler places them)")
+		kubeRuntimeClass = flag.String("kubernetes-runtime-class", "", "runtimeClassName of the sandbox Pods, e.g. gvisor or kata (--runtime kubernetes; empty: the cluster's default)")
+		kubeSeccomp      = flag.String("kubernetes-seccomp-profile", "", "Localhost seccomp profile of the sandbox Pods, relative to the kubelet's seccomp directory, e.g. sandbox/bubblewrap.json (--runtime kubernetes; empty: RuntimeDefault, under which bubblewrap fails)")
+		callbackListen   = flag.String("callback-listen", "", "TCP address where executors call back, for runtimes whose containers run elsewhere (--runtime kubernetes needs it, e.g. 0.0.0.0:7403)")
+		callbackURL      = flag.String("callback-url", "", "URL executors call back on (default: http://<the --advertise host>:<the --callback-listen port>)")
 		cpuMillis        = flag.Int("cpu-millis", int(def.CPUMillis), "CPU capacity offered to sessions, in thousandths of a core")
 		memoryMiB        = flag.Int64("memory-mib", def.MemoryMiB, "memory capacity offered to sessions, in MiB")
 		gossipAddr       = flag.String("gossip-addr", "127.0.0.1:7501", "gossip (memberlist) bind address; keep it stable across restarts so a restarted agent is recognised at once")
@@ -73,8 +81,16 @@ func run() error {
 		return fmt.Errorf("cluster token: %w", err)
 	}
 	token := strings.TrimSpace(string(b))
-	if os.Geteuid() != 0 {
+	// On Kubernetes the agent drives the API server only: no root.
+	if os.Geteuid() != 0 && *runtimeKind != "kubernetes" {
 		return fmt.Errorf("the agent must run as root: it drives %s and hands socket directories to the sandbox user", *runtimeKind)
+	}
+	cbURL, err := callbackURLFor(*callbackListen, *callbackURL, *advertise, *listen)
+	if err != nil {
+		return err
+	}
+	if *runtimeKind == "kubernetes" && *callbackListen == "" {
+		return errors.New("--runtime kubernetes needs --callback-listen: executors in Pods call the agent back over TCP")
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -87,6 +103,14 @@ func run() error {
 		dataDir:         *dataDir,
 		plainRegistries: *plainRegistries,
 		logger:          logger,
+		kube: kubernetes.Config{
+			Namespace:        *kubeNamespace,
+			NodeName:         *kubeNode,
+			RuntimeClassName: *kubeRuntimeClass,
+			SeccompProfile:   *kubeSeccomp,
+			CallbackPort:     portOf(*callbackListen),
+		},
+		kubeconfig: *kubeconfig,
 	})
 	if err != nil {
 		return err
@@ -105,6 +129,7 @@ func run() error {
 	cfg.CPUMillis = int32(*cpuMillis)
 	cfg.MemoryMiB = *memoryMiB
 	cfg.ExecutorLogLevel = *logLevel
+	cfg.CallbackListen, cfg.CallbackURL = *callbackListen, cbURL
 	if *warmConcurrency < 1 {
 		fmt.Fprintf(os.Stderr, "sandbox-agent: --warm-concurrency must be at least 1, got %d\n", *warmConcurrency)
 		os.Exit(2)
@@ -151,6 +176,8 @@ type runtimeOptions struct {
 	dataDir         string
 	plainRegistries string
 	logger          *slog.Logger
+	kube            kubernetes.Config
+	kubeconfig      string
 }
 
 // openRuntime connects to the runtime the agent drives and returns it with
@@ -190,6 +217,56 @@ func openRuntime(ctx context.Context, o runtimeOptions) (runtime.Runtime, string
 			return nil, "", fmt.Errorf("%w (is dockerd running? make up RUNTIME=docker starts it)", err)
 		}
 		return rt, rt.DaemonHost(), nil
+	case "kubernetes":
+		cs, err := kubernetes.NewClientset(o.kubeconfig)
+		if err != nil {
+			return nil, "", err
+		}
+		kcfg := o.kube
+		kcfg.Clientset = cs
+		kcfg.Logger = o.logger.With("component", "kubernetes")
+		rt, err := kubernetes.New(cctx, kcfg)
+		if err != nil {
+			return nil, "", fmt.Errorf("kubernetes API server is unreachable or refuses the agent: %w", err)
+		}
+		return rt, "namespace " + kcfg.Namespace, nil
 	}
-	return nil, "", fmt.Errorf("--runtime %q: want containerd or docker", o.kind)
+	return nil, "", fmt.Errorf("--runtime %q: want containerd, docker or kubernetes", o.kind)
+}
+
+// callbackURLFor is the URL executors call back on: --callback-url, or
+// http://<advertise host>:<callback-listen port>. Empty without a
+// --callback-listen.
+func callbackURLFor(listen, url, advertise, apiListen string) (string, error) {
+	if listen == "" {
+		if url != "" {
+			return "", errors.New("--callback-url needs --callback-listen")
+		}
+		return "", nil
+	}
+	if _, _, err := net.SplitHostPort(listen); err != nil {
+		return "", fmt.Errorf("--callback-listen %q: %w", listen, err)
+	}
+	if url != "" {
+		return url, nil
+	}
+	adv := advertise
+	if adv == "" {
+		adv = apiListen
+	}
+	host, _, err := net.SplitHostPort(adv)
+	if err != nil || host == "" || host == "0.0.0.0" || host == "::" {
+		return "", fmt.Errorf("--callback-url is needed: no host to derive it from (--advertise %q)", advertise)
+	}
+	return "http://" + net.JoinHostPort(host, strconv.Itoa(int(portOf(listen)))), nil
+}
+
+// portOf is the port of a host:port address, 0 when it has none.
+func portOf(addr string) int32 {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(p)
+	return int32(n)
 }

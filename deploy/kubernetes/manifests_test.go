@@ -40,12 +40,8 @@ import (
 )
 
 // pendingFlags are flags the manifests give that their binary does not define
-// yet: sandbox-agent's flags for --runtime kubernetes, which come with the
-// agent's TCP transport to executors (docs/kubernetes.md, "Status"). Remove
-// them from here once they exist.
-var pendingFlags = map[string][]string{
-	"sandbox-agent": {"kubernetes-namespace", "kubernetes-node", "kubernetes-runtime-class"},
-}
+// yet (none now); a flag listed here that exists is reported.
+var pendingFlags = map[string][]string{}
 
 // agentRules bounds what the agent's Role may grant: resource -> verbs.
 // Within it, the Role grants exactly what the adapter calls

@@ -331,7 +331,10 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (runtime.Status,
 	if err := validateSpec(spec); err != nil {
 		return runtime.Status{}, err
 	}
-	created, err := r.pods.Create(ctx, buildPod(r.cfg, spec), metav1.CreateOptions{})
+	pod := buildPod(r.cfg, spec)
+	// From here on the pod's name stands for the container.
+	spec.ID = pod.Name
+	created, err := r.pods.Create(ctx, pod, metav1.CreateOptions{})
 	if err != nil {
 		return runtime.Status{}, mapErr("start", spec.ID, err)
 	}
@@ -593,6 +596,7 @@ func (r *Runtime) drain(ctx context.Context, w watch.Interface, last *corev1.Pod
 // ctx's error. A pod deleted (Destroy) before its container's exit was
 // reported counts as killed: exit code 137.
 func (r *Runtime) Wait(ctx context.Context, id string) (<-chan runtime.ExitResult, error) {
+	id = PodName(id)
 	p, err := r.get(ctx, "wait for", id)
 	if err != nil {
 		return nil, err
@@ -635,6 +639,7 @@ func (r *Runtime) Wait(ctx context.Context, id string) (<-chan runtime.ExitResul
 // would kill them with the grace period fixed at the pod's creation, not
 // with timeout.)
 func (r *Runtime) Stop(ctx context.Context, id string, timeout time.Duration) error {
+	id = PodName(id)
 	p, err := r.get(ctx, "stop", id)
 	if err != nil {
 		return err
@@ -671,6 +676,7 @@ func (r *Runtime) Stop(ctx context.Context, id string, timeout time.Duration) er
 // finalizer, which lets the API server drop its object. An unknown id is
 // not an error, so a Destroy cut short can simply be called again.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
+	id = PodName(id)
 	r.stopLogs(id)
 	if err := r.remove(ctx, id, ""); err != nil {
 		return fmt.Errorf("destroy container %s: %w", id, err)
@@ -733,6 +739,7 @@ func (r *Runtime) remove(ctx context.Context, id string, uid types.UID) error {
 
 // Inspect reports a pod's labels and its container's state.
 func (r *Runtime) Inspect(ctx context.Context, id string) (runtime.Status, error) {
+	id = PodName(id)
 	p, err := r.get(ctx, "inspect", id)
 	if err != nil {
 		return runtime.Status{}, err
@@ -771,6 +778,7 @@ func (r *Runtime) List(ctx context.Context, match map[string]string) ([]runtime.
 // cannot take limits: sandbox.ErrFailedPrecondition; a node that cannot
 // give them: sandbox.ErrResourceExhausted.
 func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error {
+	id = PodName(id)
 	if u.Limits != nil {
 		// Positive limits first, before asking the API anything.
 		if err := isolation.ValidateUpdate(id, *u.Limits, u.Limits.DiskMiB); err != nil {

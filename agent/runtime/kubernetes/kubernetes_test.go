@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation"
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/sandboxhq/sandbox"
@@ -165,8 +167,6 @@ func TestStartRefusesInvalidSpec(t *testing.T) {
 	fc := newFakeCluster(t, fakeNamespace, fakeImage)
 	rt := newFakeRuntime(t, fc)
 	cases := map[string]func(*runtime.Spec){
-		"uppercase id":      func(s *runtime.Spec) { s.ID = "Rtt-1" },
-		"underscore id":     func(s *runtime.Spec) { s.ID = "rtt_1" },
 		"long id":           func(s *runtime.Spec) { s.ID = strings.Repeat("a", 254) },
 		"label key":         func(s *runtime.Spec) { s.Labels = map[string]string{"bad key": "x"} },
 		"label value":       func(s *runtime.Spec) { s.Labels = map[string]string{"sandbox.agent": "a/b"} },
@@ -187,6 +187,63 @@ func TestStartRefusesInvalidSpec(t *testing.T) {
 	}
 	if l, err := fc.CoreV1().Pods(fakeNamespace).List(t.Context(), metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
 		t.Errorf("pods after refused starts: %v, %v; want none", l, err)
+	}
+}
+
+// TestPodNames: the agent's ids (capitals, '_') become valid pod names,
+// distinct for ids differing only there, and the adapter answers for the
+// ids it was given.
+func TestPodNames(t *testing.T) {
+	fc := newFakeCluster(t, fakeNamespace, fakeImage)
+	rt := newFakeRuntime(t, fc)
+	ids := []string{"s-ses_AbC123", "s-ses-abc123", "w-" + strings.Repeat("x_", 60)}
+	names := map[string]string{}
+	for _, id := range ids {
+		name := PodName(id)
+		if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
+			t.Errorf("PodName(%q) = %q: %v", id, name, errs)
+		}
+		if other, dup := names[name]; dup {
+			t.Errorf("PodName(%q) = PodName(%q) = %q", id, other, name)
+		}
+		names[name] = id
+		spec := testSpec(id)
+		delete(spec.Labels, runtime.LabelSession) // a label value holds 63 characters at most
+		st, err := rt.Start(t.Context(), spec)
+		if err != nil {
+			t.Fatalf("Start %s: %v", id, err)
+		}
+		t.Cleanup(func() { _ = rt.Destroy(context.Background(), id) })
+		if st.ID != id {
+			t.Errorf("Start(%s) reports id %q", id, st.ID)
+		}
+		if got, err := rt.Inspect(t.Context(), id); err != nil || got.ID != id || !got.Running {
+			t.Errorf("Inspect(%s) = %+v, %v", id, got, err)
+		}
+	}
+	if got := PodName("rtt-1"); got != "rtt-1" {
+		t.Errorf("PodName of a valid name = %q, want it unchanged", got)
+	}
+	l, err := rt.List(t.Context(), map[string]string{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var listed []string
+	for _, st := range l {
+		listed = append(listed, st.ID)
+	}
+	for _, id := range ids {
+		if !slices.Contains(listed, id) {
+			t.Errorf("List = %v, lacks %s", listed, id)
+		}
+	}
+	for _, id := range ids {
+		if err := rt.Destroy(t.Context(), id); err != nil {
+			t.Fatalf("Destroy %s: %v", id, err)
+		}
+		if _, err := rt.Inspect(t.Context(), id); !errors.Is(err, runtime.ErrNotFound) {
+			t.Errorf("Inspect(%s) after Destroy: %v", id, err)
+		}
 	}
 }
 

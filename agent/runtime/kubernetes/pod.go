@@ -1,6 +1,8 @@
 package kubernetes
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"maps"
 	"net"
@@ -58,13 +60,54 @@ const (
 	envExecutorPort = "EXECUTOR_PORT"
 )
 
+// AnnotationID holds the container id a pod was started for: its name is
+// that id only when the id is a valid pod name (PodName).
+const AnnotationID = "sandbox.id"
+
+// maxIDBytes bounds a container id (an annotation value could hold more).
+const maxIDBytes = 253
+
+// PodName is the pod of container id: id itself when it is a DNS-1123
+// label (63 characters of [a-z0-9-]), else a label made of it (lower case,
+// other characters as '-', cut to 54) and 8 hex digits of its SHA-256, so
+// that ids differing only in case or punctuation get different pods. The
+// agent's ids (s-<session id>, w-<random>) hold '_' and capitals.
+func PodName(id string) string {
+	if len(validation.IsDNS1123Label(id)) == 0 {
+		return id
+	}
+	b := []byte(strings.ToLower(id))
+	for i, c := range b {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			b[i] = '-'
+		}
+	}
+	base := strings.Trim(string(b), "-")
+	if len(base) > 54 {
+		base = strings.TrimRight(base[:54], "-")
+	}
+	sum := sha256.Sum256([]byte(id))
+	if base == "" {
+		return "c-" + hex.EncodeToString(sum[:4])
+	}
+	return base + "-" + hex.EncodeToString(sum[:4])
+}
+
+// idOf is the container id of a pod.
+func idOf(p *corev1.Pod) string {
+	if id := p.Annotations[AnnotationID]; id != "" {
+		return id
+	}
+	return p.Name
+}
+
 // validateSpec rejects a Spec the adapter cannot turn into a safe pod. It
 // asks what isolation.ValidateSpec asks but for a socket directory, which
 // pods do not use, and what the API server would refuse anyway (names and
 // labels), so that the refusal is sandbox.ErrInvalidArgument.
 func validateSpec(s runtime.Spec) error {
-	if errs := validation.IsDNS1123Subdomain(s.ID); len(errs) > 0 {
-		return fmt.Errorf("%w: container id %q is not a valid pod name: %s", sandbox.ErrInvalidArgument, s.ID, strings.Join(errs, "; "))
+	if s.ID == "" || len(s.ID) > maxIDBytes {
+		return fmt.Errorf("%w: container id %q must be 1-%d bytes", sandbox.ErrInvalidArgument, s.ID, maxIDBytes)
 	}
 	switch {
 	case s.Image == "":
@@ -156,10 +199,11 @@ func buildPod(cfg Config, s runtime.Spec) *corev1.Pod {
 
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
-			Name:       s.ID,
-			Namespace:  cfg.Namespace,
-			Labels:     labels,
-			Finalizers: []string{Finalizer},
+			Name:        PodName(s.ID),
+			Namespace:   cfg.Namespace,
+			Labels:      labels,
+			Annotations: map[string]string{AnnotationID: s.ID},
+			Finalizers:  []string{Finalizer},
 		},
 		Spec: corev1.PodSpec{
 			RestartPolicy:                 corev1.RestartPolicyNever,
@@ -357,7 +401,7 @@ func exitResult(p *corev1.Pod) runtime.ExitResult {
 // tell a container's pid: a running one reports 1, its pid in its own pid
 // namespace.
 func status(p *corev1.Pod, port int32) runtime.Status {
-	st := runtime.Status{ID: p.Name, Labels: p.Labels, CreatedAt: p.CreationTimestamp.Time}
+	st := runtime.Status{ID: idOf(p), Labels: p.Labels, CreatedAt: p.CreationTimestamp.Time}
 	switch {
 	case running(p):
 		st.Running, st.Pid = true, 1
