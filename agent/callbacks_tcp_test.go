@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"slices"
 	"testing"
 	"time"
@@ -21,23 +20,16 @@ import (
 // whose executors call back on its TCP callback listener, as on Kubernetes.
 func newTCPTestAgent(t *testing.T) (*testAgent, string) {
 	t.Helper()
-	dataDir, err := os.MkdirTemp("", "agt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dataDir) })
-	rt := newFakeRuntime(t)
-	rt.tcp = true
-	cp, cpURL := newFakeControlPlane(t, testClusterToken)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	ta := newTestAgentOn(t, dataDir, rt, cp, cpURL, func(c *Config) {
+	ta := newTestAgent(t, func(c *Config) {
 		c.CallbackListen, c.CallbackURL = addr, "http://"+addr
 	})
+	ta.rt.tcp = true
 	stop, err := ta.serveCallbacksTCP()
 	if err != nil {
 		t.Fatal(err)

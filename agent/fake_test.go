@@ -548,7 +548,7 @@ type testAgent struct {
 
 const testClusterToken = "cluster-secret"
 
-func newTestAgent(t *testing.T) *testAgent {
+func newTestAgent(t *testing.T, opts ...func(*Config)) *testAgent {
 	t.Helper()
 	// Short paths: unix socket paths are limited to 107 bytes.
 	dataDir, err := os.MkdirTemp("", "agt")
@@ -558,7 +558,7 @@ func newTestAgent(t *testing.T) *testAgent {
 	t.Cleanup(func() { os.RemoveAll(dataDir) })
 	rt := newFakeRuntime(t)
 	cp, cpURL := newFakeControlPlane(t, testClusterToken)
-	return newTestAgentOn(t, dataDir, rt, cp, cpURL)
+	return newTestAgentOn(t, dataDir, rt, cp, cpURL, opts...)
 }
 
 // newTestAgentOn builds an agent on an existing data directory, runtime and
