@@ -223,6 +223,11 @@ type kubelet struct {
 	// kubelet never sees: the double writes the probes' ready files there.
 	socketDirs map[string]string
 
+	// executor, when set, runs an executor for a pod of the image's own
+	// entrypoint and returns the IP it serves on (the pod's IP), and how
+	// to stop it; nil: such pods run nothing.
+	executor func(p *corev1.Pod) (ip string, stop func())
+
 	// Owned by loop.
 	runs   map[types.UID]*run
 	nextIP int
@@ -239,6 +244,8 @@ type run struct {
 	// killAt is when the container gets SIGKILL (zero: not being stopped).
 	killAt       time.Time
 	finalDeleted bool
+	// stopExecutor stops the executor the double runs for it, if any.
+	stopExecutor func()
 }
 
 type runState int
@@ -446,8 +453,15 @@ func (k *kubelet) start(ctx context.Context, p *corev1.Pod, r *run) {
 		})
 	default:
 		r.state, r.started = runningState, now.Time
+		var ip string
+		if len(c.Command) == 0 && k.executor != nil {
+			ip, r.stopExecutor = k.executor(p)
+		}
 		k.setStatus(ctx, p, func(cur *corev1.Pod) {
 			base(&cur.Status)
+			if ip != "" {
+				cur.Status.PodIP, cur.Status.PodIPs = ip, []corev1.PodIP{{IP: ip}}
+			}
 			cur.Status.Phase = corev1.PodRunning
 			cur.Status.Conditions = append(cur.Status.Conditions, corev1.PodCondition{Type: corev1.PodReady, Status: corev1.ConditionTrue})
 			cs.ContainerID = "containerd://" + randomHex(32)
@@ -501,6 +515,10 @@ func (k *kubelet) kill(ctx context.Context) {
 
 func (k *kubelet) exit(ctx context.Context, p *corev1.Pod, r *run, code int32) {
 	r.state, r.killAt = exitedState, time.Time{}
+	if r.stopExecutor != nil {
+		r.stopExecutor()
+		r.stopExecutor = nil
+	}
 	k.setStatus(ctx, p, func(cur *corev1.Pod) {
 		cur.Status.Phase = corev1.PodSucceeded
 		reason := "Completed"
