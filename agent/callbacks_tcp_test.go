@@ -3,9 +3,12 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -58,6 +61,10 @@ func TestTCPTransport(t *testing.T) {
 	}
 	if !slices.Contains(c.spec.Env, "CONTROL_PLANE_URL="+url) {
 		t.Errorf("executor env %v lacks CONTROL_PLANE_URL=%s", c.spec.Env, url)
+	}
+	// No unix callback socket is bound when callbacks come over TCP.
+	if _, err := os.Stat(filepath.Join(c.spec.SocketDir, executorapi.AgentSocket)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("callback socket in %s: %v, want none", c.spec.SocketDir, err)
 	}
 	c.exec.mu.Lock()
 	inited := c.exec.init != nil && c.exec.init.Token == "token-s1"

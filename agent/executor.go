@@ -16,7 +16,6 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/sandboxhq/sandbox"
-	"github.com/sandboxhq/sandbox/agent/runtime"
 	"github.com/sandboxhq/sandbox/executor/executorapi"
 )
 
@@ -40,14 +39,10 @@ func newExecutorClient(sessionID, socket, token string) *executorClient {
 	return newExecutorClientOn(sessionID, "unix", socket, token)
 }
 
-// executorClientFor is the client of a started container's executor: on
-// TCP at the endpoint its runtime reported (Kubernetes: the Pod's IP), on
-// the unix socket in its socket directory otherwise.
-func executorClientFor(sessionID, socket string, st runtime.Status, token string) *executorClient {
-	if st.Endpoint != "" {
-		return newExecutorClientOn(sessionID, "tcp", st.Endpoint, token)
-	}
-	return newExecutorClient(sessionID, socket, token)
+// newTCPExecutorClient is the client of an executor at the TCP endpoint
+// its runtime reported (runtime.Status.Endpoint; Kubernetes: the Pod's IP).
+func newTCPExecutorClient(sessionID, endpoint, token string) *executorClient {
+	return newExecutorClientOn(sessionID, "tcp", endpoint, token)
 }
 
 func newExecutorClientOn(sessionID, network, socket, token string) *executorClient {

@@ -402,7 +402,7 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 	if err := chownSandbox(w.dir); err != nil {
 		return fail(err)
 	}
-	ln, err := listenCallbacks(w.dir)
+	ln, err := a.listenCallbacks(w.dir)
 	if err != nil {
 		return fail(err)
 	}
@@ -420,7 +420,7 @@ func (a *Agent) startWarm(ctx context.Context, templateID string, t poolTarget, 
 		return fail(fmt.Errorf("runtime start of warm container %s (image %s): %w", id, t.image, err))
 	}
 	if st.Endpoint != "" {
-		w.exec = executorClientFor(id, "", st, "")
+		w.exec = newTCPExecutorClient(id, st.Endpoint, "")
 	}
 	exitCh, err := a.rt.Wait(waitCtx, id)
 	if err != nil {

@@ -52,12 +52,10 @@ func (a *Agent) recoverSessions(ctx context.Context) error {
 
 	var adopt []state.Session
 	var errs []error
-	// statuses hold the executors' TCP endpoints, where the runtime has them.
-	statuses := map[string]runtime.Status{}
+	// endpoints are the executors' TCP endpoints, where the runtime has them.
+	endpoints := map[string]string{}
 	for _, st := range list {
-		statuses[st.ID] = st
-	}
-	for _, st := range list {
+		endpoints[st.ID] = st.Endpoint
 		rec, known := byContainer[st.ID]
 		delete(byContainer, st.ID)
 		var reason string
@@ -118,7 +116,7 @@ func (a *Agent) recoverSessions(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.adopt(ctx, rec, statuses[rec.ContainerID])
+			a.adopt(ctx, rec, endpoints[rec.ContainerID])
 		}()
 	}
 	wg.Wait()
@@ -161,7 +159,7 @@ func (a *Agent) socketDirOf(rec state.Session) string {
 // server on its socket directory, the exit watcher, and a bounded health
 // check of its executor. A container that fails any of them is destroyed
 // and its exit reported.
-func (a *Agent) adopt(ctx context.Context, rec state.Session, st runtime.Status) {
+func (a *Agent) adopt(ctx context.Context, rec state.Session, endpoint string) {
 	l := rec.Limits
 	s := a.newSession(rec.SessionID, rec.ContainerID, rec.TemplateID, rec.Image, rec.Token, a.socketDirOf(rec), sandbox.Limits{
 		CPUMillis:                  l.CPUMillis,
@@ -172,8 +170,8 @@ func (a *Agent) adopt(ctx context.Context, rec state.Session, st runtime.Status)
 	})
 	s.state = sessionStarting
 	s.started = true
-	if st.Endpoint != "" {
-		s.exec = executorClientFor(s.id, "", st, s.token)
+	if endpoint != "" {
+		s.exec = newTCPExecutorClient(s.id, endpoint, s.token)
 	}
 	for _, id := range rec.PendingExecutionIDs {
 		s.executions[id] = struct{}{}

@@ -261,7 +261,7 @@ func (a *Agent) launch(ctx context.Context, s *session, p startParams) error {
 	a.mu.Lock()
 	s.started = true
 	if st.Endpoint != "" {
-		s.exec = executorClientFor(s.id, "", st, s.token)
+		s.exec = newTCPExecutorClient(s.id, st.Endpoint, s.token)
 	}
 	a.mu.Unlock()
 
@@ -316,9 +316,9 @@ func (a *Agent) claim(ctx context.Context, s *session, w *warmContainer, p start
 	recorded := make(chan error, 1)
 	go func() { recorded <- a.recordSession(s, p) }()
 	ln := w.takeCallbacks()
-	if ln == nil { // not bound at creation (never the case today)
+	if ln == nil { // not bound at creation: nil again over TCP
 		var err error
-		if ln, err = listenCallbacks(s.dir); err != nil {
+		if ln, err = a.listenCallbacks(s.dir); err != nil {
 			<-recorded
 			return true, err
 		}
@@ -611,7 +611,7 @@ func (a *Agent) release(s *session) {
 // serveCallbacks starts the session's callback server on <dir>/agent.sock,
 // reachable by the sandbox user only.
 func (a *Agent) serveCallbacks(s *session) error {
-	ln, err := listenCallbacks(s.dir)
+	ln, err := a.listenCallbacks(s.dir)
 	if err != nil {
 		return err
 	}
@@ -622,7 +622,12 @@ func (a *Agent) serveCallbacks(s *session) error {
 // listenCallbacks binds <dir>/agent.sock for the sandbox user only. Binding
 // creates an inode, which on a busy ext4 costs a quarter of a millisecond:
 // warm containers bind theirs when they are created, not when claimed.
-func listenCallbacks(dir string) (net.Listener, error) {
+// With callbacks over TCP (Config.CallbackListen) there is no socket to
+// bind: it returns a nil listener.
+func (a *Agent) listenCallbacks(dir string) (net.Listener, error) {
+	if a.cfg.CallbackListen != "" {
+		return nil, nil
+	}
 	path := filepath.Join(dir, executorapi.AgentSocket)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
@@ -639,8 +644,12 @@ func listenCallbacks(dir string) (net.Listener, error) {
 	return ln, nil
 }
 
-// serveCallbacksOn serves the session's callbacks on ln until release.
+// serveCallbacksOn serves the session's callbacks on ln until release; a
+// nil ln (callbacks over TCP) serves nothing.
 func (a *Agent) serveCallbacksOn(s *session, ln net.Listener) {
+	if ln == nil {
+		return
+	}
 	srv := &http.Server{
 		Handler:           a.callbacks,
 		ReadHeaderTimeout: 10 * time.Second,

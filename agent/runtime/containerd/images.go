@@ -11,8 +11,8 @@ import (
 	"github.com/containerd/containerd"
 	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/events"
-	"github.com/containerd/containerd/reference/docker"
 	remotedocker "github.com/containerd/containerd/remotes/docker"
+	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 
@@ -144,11 +144,11 @@ func (r *Runtime) pull(ctx context.Context, name string) (containerd.Image, erro
 	if img, err := r.client.GetImage(ctx, name); err == nil {
 		return img, nil // another start pulled it meanwhile
 	}
-	ref, err := docker.ParseNormalizedNamed(name)
+	ref, err := reference.ParseNormalizedNamed(name)
 	if err != nil {
 		return nil, fmt.Errorf("%w: image %s is not a valid reference: %v", sandbox.ErrInvalidArgument, name, err)
 	}
-	host := docker.Domain(ref)
+	host := reference.Domain(ref)
 	if host == "localhost" {
 		return nil, fmt.Errorf("%w: image %s is not in containerd namespace %s, and localhost/ names no registry to pull it from (build it with make images)",
 			sandbox.ErrFailedPrecondition, name, r.cfg.Namespace)

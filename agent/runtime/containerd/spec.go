@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path"
-	"strconv"
 	"strings"
 
 	"github.com/containerd/containerd/containers"
@@ -203,12 +202,8 @@ func workspaceMiB(c containers.Container) (int64, error) {
 		if m.Destination != WorkspacePath {
 			continue
 		}
-		for _, o := range m.Options {
-			if v, ok := strings.CutPrefix(o, "size="); ok {
-				if n, ok := strings.CutSuffix(v, "m"); ok {
-					return strconv.ParseInt(n, 10, 64)
-				}
-			}
+		if mib, ok := isolation.TmpfsSizeMiB(m.Options); ok {
+			return mib, nil
 		}
 	}
 	return 0, fmt.Errorf("spec has no %s tmpfs with a size in MiB", WorkspacePath)

@@ -314,12 +314,8 @@ func resources(l sandbox.Limits) container.Resources {
 // workspaceMiB reads the size of /workspace from a container's tmpfs options.
 func workspaceMiB(hc *container.HostConfig) (int64, error) {
 	if hc != nil {
-		for _, o := range strings.Split(hc.Tmpfs[isolation.WorkspacePath], ",") {
-			if v, ok := strings.CutPrefix(o, "size="); ok {
-				if n, ok := strings.CutSuffix(v, "m"); ok {
-					return strconv.ParseInt(n, 10, 64)
-				}
-			}
+		if mib, ok := isolation.TmpfsSizeMiB(strings.Split(hc.Tmpfs[isolation.WorkspacePath], ",")); ok {
+			return mib, nil
 		}
 	}
 	return 0, fmt.Errorf("container has no %s tmpfs with a size in MiB", isolation.WorkspacePath)
@@ -470,12 +466,6 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 // Update applies new limits and labels to a container. The limits are
 // checked against the container before anything changes.
 func (r *Runtime) Update(ctx context.Context, id string, u runtime.Update) error {
-	if u.Limits != nil {
-		l := *u.Limits
-		if l.CPUMillis <= 0 || l.MemoryMiB <= 0 || l.Pids <= 0 {
-			return isolation.ValidateUpdate(id, l, l.DiskMiB)
-		}
-	}
 	c, err := r.inspect(ctx, "update", id)
 	if err != nil {
 		return err

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -48,6 +49,17 @@ func newRuntime(t testing.TB, stateDir string) *docker.Runtime {
 func TestConformance(t *testing.T) {
 	state := t.TempDir()
 	rt := newRuntime(t, state)
+	// Registered first, so it runs last, after every case destroyed its
+	// containers: no socket directory of the suite is still sealed (bound
+	// onto itself). The directories are the cases' t.TempDir()s.
+	before := sealedMounts(t.Name())
+	t.Cleanup(func() {
+		for _, m := range sealedMounts(t.Name()) {
+			if !slices.Contains(before, m) {
+				t.Errorf("socket directory %s still mounted after the suite", m)
+			}
+		}
+	})
 	runtimetest.Run(t, runtimetest.Harness{
 		Runtime: rt,
 		Image:   testImage(),
@@ -82,8 +94,21 @@ func dockerMounts() []string {
 	return out
 }
 
+// sealedMounts lists the host's mount points below the temporary
+// directories of test name.
+func sealedMounts(name string) []string {
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	var out []string
+	for line := range strings.Lines(string(mounts)) {
+		if f := strings.Fields(line); len(f) > 4 && strings.Contains(f[4], "/"+name) {
+			out = append(out, f[4])
+		}
+	}
+	return out
+}
+
 // leftovers reports what Docker or the adapter still holds for id: the
-// container, its label file, a sealing mount.
+// container and its label file (sealing mounts: see TestConformance).
 func leftovers(ctx context.Context, rt *docker.Runtime, state, id string) error {
 	var errs []error
 	cs, err := rt.Client().ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("name", "^/"+id+"$"))})
@@ -95,12 +120,6 @@ func leftovers(ctx context.Context, rt *docker.Runtime, state, id string) error 
 	}
 	if _, err := os.Stat(filepath.Join(state, id+".labels")); err == nil {
 		errs = append(errs, fmt.Errorf("label file of %s still there", id))
-	}
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	for line := range strings.Lines(string(mounts)) {
-		if f := strings.Fields(line); len(f) > 4 && strings.Contains(f[4], id) {
-			errs = append(errs, fmt.Errorf("mount %s still there", f[4]))
-		}
 	}
 	return errors.Join(errs...)
 }

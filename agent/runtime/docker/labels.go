@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"os"
-	"path/filepath"
 	"strings"
 )
 
@@ -75,7 +74,8 @@ func (r *Runtime) addLabels(id string, labels map[string]string) error {
 		return fmt.Errorf("update labels of container %s: %w", id, err)
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err == nil {
+	_, err = tmp.Write(b)
+	if err == nil {
 		err = tmp.Sync()
 	}
 	if cerr := tmp.Close(); err == nil {
@@ -101,14 +101,4 @@ func (r *Runtime) removeLabels(id string) error {
 		return fmt.Errorf("destroy container %s: remove its labels: %w", id, err)
 	}
 	return nil
-}
-
-// labelFiles lists the ids that have label files (tests check for leftovers).
-func (r *Runtime) labelFiles() ([]string, error) {
-	matches, err := filepath.Glob(filepath.Join(r.cfg.StateDir, "*.labels"))
-	var ids []string
-	for _, m := range matches {
-		ids = append(ids, strings.TrimSuffix(filepath.Base(m), ".labels"))
-	}
-	return ids, err
 }

@@ -8,6 +8,8 @@ package isolation
 import (
 	"fmt"
 	"path"
+	"strconv"
+	"strings"
 
 	"github.com/sandboxhq/sandbox"
 	"github.com/sandboxhq/sandbox/agent/runtime"
@@ -85,6 +87,22 @@ func FsizeLimit(diskMiB, tmpMiB int64) uint64 {
 // memory) would escape the size quota.
 func InodesFor(mib int64) int64 {
 	return max(4096, mib*64)
+}
+
+// TmpfsSizeMiB reads the size of a tmpfs from its mount options, as the
+// adapters write it ("size=<n>m"), to check an update against the size the
+// container was created with.
+func TmpfsSizeMiB(options []string) (int64, bool) {
+	for _, o := range options {
+		if v, ok := strings.CutPrefix(o, "size="); ok {
+			if n, ok := strings.CutSuffix(v, "m"); ok {
+				if mib, err := strconv.ParseInt(n, 10, 64); err == nil {
+					return mib, true
+				}
+			}
+		}
+	}
+	return 0, false
 }
 
 // CPUQuotaMicros is the CFS quota of a cpu limit in thousandths of a core.
